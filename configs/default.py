@@ -1,0 +1,62 @@
+"""Every configuration field, with the original Keras project's values.
+
+`stage1.py` and `stage2.py` override a few of these; any field can be set on
+the command line with `--config.<field>=<value>`. Unknown fields and values of
+the wrong type are rejected by ml_collections; `gender_jax.config_lib.validate`
+rejects out-of-range values at start.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  # Data (a TFDS dataset made by scripts/prepare_data.py).
+  c.data_dir = 'data'                # TFDS data_dir holding <dataset>/<version>/.
+  c.dataset = 'gender_faces'         # TFDS dataset name.
+  c.train_split = 'train'
+  c.eval_split = 'validation'
+  c.image_size = (218, 178)          # (H, W) the model sees; must match the data.
+  c.batch_size = 128                 # Global batch, split over all devices/hosts.
+  c.eval_batch_size = 256            # Global eval batch (last batch padded+masked).
+  c.shuffle_buffer = 10_000
+  c.repeat = 2                       # Training set repeated per epoch (original: 2).
+  c.cache = False                    # Cache decoded examples in memory.
+  c.prefetch = 2                     # Device batches prefetched ahead.
+
+  # Model.
+  c.model = 'cnn'                    # 'cnn' (the original) or 'tiny' (tests, demo).
+  c.flatten_dropout_rate = 0.3
+  c.dropout_rate = 0.0               # Stage-2 dropout before the output layer.
+  c.compute_dtype = 'float32'        # 'float32' or 'bfloat16'.
+
+  # Augmentation (stage 1; Keras preprocessing-layer factors).
+  c.augment = True
+  c.aug = ml_collections.ConfigDict()
+  c.aug.flip = True
+  c.aug.rotation = 0.1               # Fraction of a full turn: +-36 degrees.
+  c.aug.zoom = 0.01
+  c.aug.translation = 0.05
+  c.aug.brightness = 0.5             # Fraction of the 0..255 range.
+
+  # Optimisation.
+  c.learning_rate = 1e-3             # Nadam.
+  c.num_epochs = 25
+  c.steps_per_epoch = config_dict.placeholder(int)   # Cap for smoke runs.
+  c.eval_steps = config_dict.placeholder(int)        # Cap for smoke runs.
+  c.plateau_factor = 0.5
+  c.plateau_patience = 3
+  c.plateau_min_delta = 1e-4
+  c.min_learning_rate = 5e-4
+  c.early_stopping_patience = 5
+  c.early_stopping_min_delta = 1e-3
+
+  # Run.
+  c.init_from = ''                   # Stage 1 workdir to fine-tune from.
+  c.seed = 42
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 0       # 0: checkpoint at the end of each epoch only.
+  c.distributed = False              # Call jax.distributed.initialize() first.
+  return c

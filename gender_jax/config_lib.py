@@ -1,0 +1,62 @@
+"""Config helpers: load sibling config files and validate values at start."""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def load_sibling(anchor_file: str, name: str) -> ml_collections.ConfigDict:
+  """Returns `get_config()` of the config file `name` next to `anchor_file`.
+
+  Config files are loaded by path (as `ml_collections.config_flags` does), so
+  `configs/` need not be an importable package.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(anchor_file)), name)
+  spec = importlib.util.spec_from_file_location(
+      f'gender_jax_config_{os.path.splitext(name)[0]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _check(errors, ok, key, value, expectation):
+  if not ok:
+    errors.append(f'config.{key}={value!r}: expected {expectation}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming every out-of-range field of `config`."""
+  e = []
+  size = tuple(config.image_size)
+  _check(e, len(size) == 2 and all(isinstance(s, int) and s >= 16 for s in size),
+         'image_size', config.image_size, '(height, width), both ints >= 16')
+  for key in ('batch_size', 'eval_batch_size', 'num_epochs', 'repeat',
+              'shuffle_buffer', 'log_every_steps', 'plateau_patience',
+              'early_stopping_patience'):
+    _check(e, config[key] >= 1, key, config[key], 'an int >= 1')
+  for key in ('steps_per_epoch', 'eval_steps'):
+    _check(e, config[key] is None or config[key] >= 1, key, config[key],
+           'None or an int >= 1')
+  _check(e, config.checkpoint_every_steps >= 0, 'checkpoint_every_steps',
+         config.checkpoint_every_steps, 'an int >= 0')
+  for key in ('flatten_dropout_rate', 'dropout_rate'):
+    _check(e, 0.0 <= config[key] < 1.0, key, config[key], 'a rate in [0, 1)')
+  _check(e, config.model in ('cnn', 'tiny'), 'model', config.model,
+         "'cnn' or 'tiny'")
+  _check(e, config.compute_dtype in ('float32', 'bfloat16'), 'compute_dtype',
+         config.compute_dtype, "'float32' or 'bfloat16'")
+  _check(e, config.learning_rate > 0, 'learning_rate', config.learning_rate,
+         'a float > 0')
+  _check(e, 0 < config.min_learning_rate <= config.learning_rate,
+         'min_learning_rate', config.min_learning_rate,
+         'a float in (0, learning_rate]')
+  _check(e, 0 < config.plateau_factor < 1, 'plateau_factor',
+         config.plateau_factor, 'a float in (0, 1)')
+  for key in ('plateau_min_delta', 'early_stopping_min_delta'):
+    _check(e, config[key] >= 0, key, config[key], 'a float >= 0')
+  for key in ('rotation', 'zoom', 'translation', 'brightness'):
+    _check(e, 0 <= config.aug[key] < 1, f'aug.{key}', config.aug[key],
+           'a factor in [0, 1)')
+  if e:
+    raise ValueError('Invalid configuration:\n  ' + '\n  '.join(e))
