@@ -1,0 +1,148 @@
+"""Orbax checkpoints of a workdir: the latest train state and the best model.
+
+Layout of a workdir ``W``:
+  W/config.json      the run's config (written by host 0 at start).
+  W/checkpoints/<step>/{state,loop}   latest train states (resume); ``state`` is
+                     the whole TrainState pytree, ``loop`` a JSON dict with the
+                     epoch loop's bookkeeping (epoch, plateau, early stopping).
+  W/best/<step>/{model,meta}   the best model so far by the early-stopping rule
+                     (Keras ``restore_best_weights``): ``model`` is
+                     {'params', 'batch_stats'}, ``meta`` a JSON dict (epoch,
+                     val_accuracy, val_loss, ...).
+Best is a separate manager rather than ``best_fn`` on one manager because Keras
+keeps the weights of the last epoch that improved by more than ``min_delta``,
+not simply the highest accuracy. Every process calls save/restore (orbax
+coordinates multi-host writes); only host 0 writes plain files.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from gender_jax import models
+
+CONFIG_FILE = 'config.json'
+
+
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
+
+
+class Checkpointer:
+  """Saves/restores the latest train state and the best model of a workdir."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 2):
+    self.workdir = workdir
+    self._latest = _manager(os.path.join(workdir, 'checkpoints'), max_to_keep)
+    self._best = _manager(os.path.join(workdir, 'best'), 1)
+
+  def latest_step(self) -> Optional[int]:
+    return self._latest.latest_step()
+
+  def save_latest(self, step: int, state: Any, loop: dict) -> None:
+    self._latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
+        force=True)
+    self._latest.wait_until_finished()
+
+  def restore_latest(self, abstract_state: Any):
+    """Returns (state, loop) of the latest checkpoint, or None if there is none.
+
+    ``abstract_state`` gives shapes, dtypes and shardings (``jax.eval_shape``
+    output with ``.sharding`` set, or a concrete state).
+    """
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    restored = self._latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        loop=ocp.args.JsonRestore()))
+    return restored['state'], restored['loop']
+
+  def save_best(self, step: int, variables: Any, meta: dict) -> None:
+    model = {'params': variables['params'],
+             'batch_stats': variables['batch_stats']}
+    self._best.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model), meta=ocp.args.JsonSave(meta)),
+        force=True)
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json into the workdir (host 0 only)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+      f.write(config.to_json(indent=2))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} not found: {workdir!r} is not a gender_jax workdir. Pass the '
+        '--workdir of a run made by scripts/train.py.')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.image_size = tuple(config.image_size)
+  return config
+
+
+def abstract_variables(config: ml_collections.ConfigDict, sharding=None):
+  """Shapes/dtypes of {'params','batch_stats'} for `config`'s model."""
+  model = models.create_model(config)
+  shapes = jax.eval_shape(
+      lambda: models.init_variables(model, jax.random.key(0), config.image_size))
+  shapes = {k: shapes[k] for k in ('params', 'batch_stats')}
+  if sharding is not None:
+    shapes = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes)
+  return shapes
+
+
+def restore_best(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
+                 sharding=None):
+  """Returns ({'params','batch_stats'}, meta) of a workdir's best model.
+
+  ``config`` defaults to the workdir's config.json; pass another one (e.g.
+  stage 2's, with a different dropout rate) to restore into that model: only
+  the variable shapes must agree.
+  """
+  config = config or read_config(workdir)
+  directory = os.path.join(workdir, 'best')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f'No best checkpoint in {directory}: the run in {workdir!r} has not '
+        'finished an epoch yet.')
+  manager = _manager(directory, 1)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(
+          f'No best checkpoint in {directory}: the run in {workdir!r} has not '
+          'finished an epoch yet.')
+    restored = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(abstract_variables(config, sharding)),
+        meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return restored['model'], restored['meta']
+
+
+def load_model(workdir: str):
+  """Returns (config, model, variables, meta) of a workdir's best model."""
+  config = read_config(workdir)
+  variables, meta = restore_best(workdir, config)
+  return config, models.create_model(config), variables, meta
