@@ -79,24 +79,27 @@ class GenderCNN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, mc_dropout: bool = False):
     """Maps (N, H, W, 3) images in 0..255 to (N,) logits.
 
-    Dropout is active only when ``train`` is true and a 'dropout' rng is given;
-    BatchNorm uses batch statistics (and updates ``batch_stats``) only in train.
+    Dropout is active when ``train`` or ``mc_dropout`` is true (a 'dropout' rng
+    is then needed); BatchNorm uses batch statistics (and updates
+    ``batch_stats``) only in train. ``mc_dropout`` alone is MC-Dropout
+    inference: dropout on, BatchNorm on its running averages.
     """
+    stochastic = train or mc_dropout
     x = jnp.asarray(images, self.dtype) * (1.0 / 255.0)
     for features, kernel in zip(self.filters, self.kernel_sizes):
       x = ConvBlock(features, kernel, dtype=self.dtype)(x, train)
     x = x.reshape(x.shape[0], -1)
-    x = nn.Dropout(self.flatten_dropout_rate, deterministic=not train)(x)
+    x = nn.Dropout(self.flatten_dropout_rate, deterministic=not stochastic)(x)
     x = nn.Dense(self.hidden_units, use_bias=False,
                  kernel_init=nn.initializers.glorot_uniform(),
                  dtype=self.dtype)(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                      epsilon=BN_EPSILON, dtype=self.dtype)(x)
     x = nn.swish(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not stochastic)(x)
     x = nn.Dense(1, kernel_init=nn.initializers.glorot_uniform(),
                  bias_init=nn.initializers.zeros, dtype=self.dtype)(x)
     return jnp.asarray(x[:, 0], jnp.float32)
