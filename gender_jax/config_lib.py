@@ -2,8 +2,11 @@
 
 import importlib.util
 import os
+import re
+import sys
 
 import ml_collections
+from absl import flags
 
 
 def load_sibling(anchor_file: str, name: str) -> ml_collections.ConfigDict:
@@ -60,3 +63,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'a factor in [0, 1)')
   if e:
     raise ValueError('Invalid configuration:\n  ' + '\n  '.join(e))
+
+
+def flags_parser(argv):
+  """absl `app.run` flags parser that turns an unknown `--config.<key>` into
+  a one-line error naming the key (ml_collections raises a bare AttributeError).
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'FATAL Flags parsing error: {e}')
+  except AttributeError as e:
+    key = str(e).strip('"\'')
+    given = [a for a in argv[1:] if re.match(rf'--config\.(\w+\.)*{re.escape(key)}(=|$)', a)]
+    sys.exit(f'FATAL: unknown config field {key!r} in {" ".join(given) or argv[1:]}; '
+             'see configs/default.py for every field.')

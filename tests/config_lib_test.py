@@ -1,0 +1,75 @@
+"""Configs hold the original recipe; bad fields fail at start, naming the key."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gender_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, 'configs')
+
+
+def _load(name):
+  return config_lib.load_sibling(os.path.join(CONFIGS, 'x'), name)
+
+
+def test_stage_configs_hold_the_original_recipe():
+  s1, s2 = _load('stage1.py'), _load('stage2.py')
+  for c in (s1, s2):
+    config_lib.validate(c)
+    assert (c.batch_size, c.learning_rate, c.seed, c.shuffle_buffer) == (128, 1e-3, 42, 10_000)
+    assert tuple(c.image_size) == (218, 178)
+    assert (c.plateau_factor, c.plateau_min_delta, c.min_learning_rate) == (0.5, 1e-4, 5e-4)
+    assert c.early_stopping_min_delta == 1e-3
+  assert (s1.augment, s1.repeat, s1.dropout_rate, s1.num_epochs) == (True, 2, 0.0, 25)
+  assert (s1.plateau_patience, s1.early_stopping_patience) == (3, 5)
+  assert (s2.augment, s2.dropout_rate, s2.num_epochs) == (False, 0.3, 10)
+  assert (s2.plateau_patience, s2.early_stopping_patience) == (2, 3)
+
+
+def test_validate_names_every_bad_field():
+  c = _load('default.py')
+  c.batch_size = 0
+  c.dropout_rate = 1.5
+  c.image_size = (8, 178)
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(c)
+  for key in ('config.batch_size=0', 'config.dropout_rate=1.5', 'config.image_size'):
+    assert key in str(e.value)
+
+
+def _run_flags(*args):
+  script = textwrap.dedent('''
+      from absl import app
+      from ml_collections import config_flags
+      from gender_jax import config_lib
+      CONFIG = config_flags.DEFINE_config_file('config')
+      def main(argv):
+        print('batch', CONFIG.value.batch_size, 'size', tuple(CONFIG.value.image_size))
+      app.run(main, flags_parser=config_lib.flags_parser)
+  ''')
+  return subprocess.run(
+      [sys.executable, '-c', script, f'--config={CONFIGS}/stage1.py', *args],
+      capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_overrides():
+  ok = _run_flags('--config.batch_size=64', '--config.image_size=112,96')
+  assert ok.returncode == 0, ok.stderr
+  assert 'batch 64 size (112, 96)' in ok.stdout
+
+
+@pytest.mark.parametrize('arg,needle', [
+    ('--config.no_such_field=1', "'no_such_field'"),
+    ('--config.aug.no_such=1', "'no_such'"),
+    ('--config.batch_size=abc', 'config.batch_size'),
+])
+def test_bad_overrides_fail_naming_the_key(arg, needle):
+  bad = _run_flags(arg)
+  assert bad.returncode != 0
+  assert needle in bad.stderr
+  assert 'Traceback' not in bad.stderr
