@@ -1,0 +1,212 @@
+"""Jitted inference: p(male) and MC-Dropout uncertainty for image batches.
+
+`predict_batch` is the pure function; `make_predict_fn` jits it once for a
+fixed batch shape; `Predictor` wraps a trained workdir for notebooks and the
+labeller (pads the last batch, so one compiled program serves every batch).
+
+MC-Dropout runs the model with dropout on and BatchNorm on its running
+averages (`mc_dropout=True`). All samples come from one jitted call: the
+samples are a `vmap` over dropout keys, and because the convolutional trunk
+does not depend on the key, `vmap` leaves it unbatched: the convolutions run
+once per image and only the dense head runs `mc_samples` times.
+
+Each image's dropout key is derived from the seed and an integer id of the
+image (the labeller uses a hash of its path), not from its batch, so MC
+results do not depend on batch size, batch composition or resumption.
+"""
+
+import zlib
+from typing import Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from gender_jax import image_io
+from gender_jax import sharding as sharding_lib
+
+MC_KEYS = ('mc_mean', 'mc_std', 'mc_entropy', 'mc_mutual_info')
+
+
+def binary_entropy(p):
+  """Entropy in nats of Bernoulli(p), 0 at p in {0, 1}."""
+  return jax.scipy.special.entr(p) + jax.scipy.special.entr(1.0 - p)
+
+
+def mc_statistics(sample_logits) -> Dict[str, jnp.ndarray]:
+  """MC-Dropout statistics from (S, N) logits, each (N,).
+
+  mc_mean: mean p(male) over samples; mc_std: its standard deviation;
+  mc_entropy: predictive entropy H[mean p] (nats); mc_mutual_info: BALD,
+  H[mean p] - mean_s H[p_s] (nats), the part of the uncertainty that comes
+  from the weights rather than from the data.
+  """
+  p = jax.nn.sigmoid(sample_logits.astype(jnp.float32))
+  mean = p.mean(axis=0)
+  entropy = binary_entropy(mean)
+  expected_entropy = binary_entropy(p).mean(axis=0)
+  return {
+      'mc_mean': mean,
+      'mc_std': p.std(axis=0),
+      'mc_entropy': entropy,
+      'mc_mutual_info': jnp.maximum(entropy - expected_entropy, 0.0),
+  }
+
+
+def path_ids(paths: Sequence[str]) -> np.ndarray:
+  """Stable uint32 ids (CRC-32 of the UTF-8 path) for per-image dropout keys."""
+  return np.asarray([zlib.crc32(p.encode('utf-8')) for p in paths], np.uint32)
+
+
+def predict_batch(model, variables, images, ids, *, mc_samples: int = 1,
+                  seed: int = 0) -> Dict[str, jnp.ndarray]:
+  """Logits, p(male) and (if mc_samples > 1) MC statistics for a batch.
+
+  Args:
+    model: a `GenderCNN`.
+    variables: {'params', 'batch_stats'}.
+    images: (N, H, W, 3) in 0..255.
+    ids: (N,) uint32 image ids; image i's dropout keys are
+      split(fold_in(key(seed), ids[i]), mc_samples). Unused if mc_samples == 1.
+    mc_samples: number of dropout samples; 1 means deterministic only.
+    seed: dropout seed.
+
+  Returns:
+    {'logit', 'p_male'} (deterministic: dropout off) and, for mc_samples > 1,
+    the `MC_KEYS`, each (N,) float32.
+  """
+  logits = model.apply(variables, images, train=False)
+  out = {'logit': logits, 'p_male': jax.nn.sigmoid(logits)}
+  if mc_samples > 1:
+    base = jax.random.key(seed)
+
+    def one_sample(image, key):
+      return model.apply(variables, image[None], train=False, mc_dropout=True,
+                         rngs={'dropout': key})[0]
+
+    def one_image(image, image_id):
+      keys = jax.random.split(jax.random.fold_in(base, image_id), mc_samples)
+      return jax.vmap(one_sample, in_axes=(None, 0))(image, keys)
+
+    samples = jax.vmap(one_image)(images, ids)           # (N, S)
+    out.update(mc_statistics(samples.T))
+  return out
+
+
+def local_mesh() -> Mesh:
+  """A ('data',) mesh over this process's devices (single-host inference)."""
+  return Mesh(np.asarray(jax.local_devices()), ('data',))
+
+
+def make_predict_fn(model, mc_samples: int = 1, seed: int = 0,
+                    mesh: Optional[Mesh] = None):
+  """`predict_batch` jitted: fn(variables, images, ids) -> dict of (N,).
+
+  With a mesh, images and ids are split over 'data', variables replicated and
+  the outputs replicated (every host can read all of them).
+  """
+  if mc_samples < 1:
+    raise ValueError(f'mc_samples={mc_samples}: expected an int >= 1.')
+
+  def fn(variables, images, ids):
+    return predict_batch(model, variables, images, ids,
+                         mc_samples=mc_samples, seed=seed)
+
+  if mesh is None:
+    return jax.jit(fn)
+  data = sharding_lib.data_sharding(mesh)
+  rep = sharding_lib.replicated(mesh)
+  return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=rep)
+
+
+class Predictor:
+  """A trained model ready for inference on numpy batches of any length.
+
+  Example (notebook):
+    predictor = Predictor.from_workdir('runs/stage2', mc_samples=20)
+    out = predictor.predict(images_uint8)        # dict of (N,) numpy arrays
+    out, errors = predictor.predict_files(paths)
+  """
+
+  def __init__(self, model, variables, image_size, *, mc_samples: int = 1,
+               batch_size: int = 64, seed: int = 0,
+               mesh: Optional[Mesh] = None):
+    self.model = model
+    self.image_size = tuple(image_size)
+    self.mc_samples = mc_samples
+    self.batch_size = batch_size
+    self.seed = seed
+    self.mesh = mesh or local_mesh()
+    n_dev = self.mesh.devices.size
+    if batch_size < 1 or batch_size % n_dev:
+      raise ValueError(
+          f'batch_size={batch_size}: expected a positive multiple of the '
+          f'{n_dev} device(s).')
+    self.variables = jax.device_put(
+        {'params': variables['params'],
+         'batch_stats': variables['batch_stats']},
+        sharding_lib.replicated(self.mesh))
+    self._fn = make_predict_fn(model, mc_samples, seed, self.mesh)
+    self._data = sharding_lib.data_sharding(self.mesh)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, **kwargs) -> 'Predictor':
+    """Loads a workdir's best model (see `checkpointing.load_model`)."""
+    from gender_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    config, model, variables, _ = checkpointing.load_model(workdir)
+    return cls(model, variables, config.image_size, **kwargs)
+
+  @property
+  def output_keys(self):
+    return ('logit', 'p_male') + (MC_KEYS if self.mc_samples > 1 else ())
+
+  def dispatch(self, images: np.ndarray, ids: np.ndarray):
+    """Starts one full batch (exactly batch_size) on the devices, async."""
+    images = jax.device_put(images, self._data)
+    ids = jax.device_put(np.asarray(ids, np.uint32), self._data)
+    return self._fn(self.variables, images, ids)
+
+  def pad(self, images: np.ndarray, ids: np.ndarray):
+    """Zero-pads images/ids to batch_size rows."""
+    n = len(images)
+    if n == self.batch_size:
+      return images, ids
+    padded = np.zeros((self.batch_size, *self.image_size, 3), np.uint8)
+    padded[:n] = images
+    padded_ids = np.zeros((self.batch_size,), np.uint32)
+    padded_ids[:n] = ids
+    return padded, padded_ids
+
+  def predict(self, images, ids: Optional[np.ndarray] = None
+              ) -> Dict[str, np.ndarray]:
+    """Predictions for (N, H, W, 3) images in 0..255, in batches.
+
+    `ids` (N,) uint32 select the images' dropout keys (default 0..N-1).
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (*self.image_size, 3):
+      raise ValueError(f'images of shape {images.shape}: expected (N, '
+                       f'{self.image_size[0]}, {self.image_size[1]}, 3).')
+    n = len(images)
+    ids = np.arange(n, dtype=np.uint32) if ids is None else np.asarray(ids)
+    chunks = []
+    for start in range(0, n, self.batch_size):
+      stop = min(start + self.batch_size, n)
+      out = self.dispatch(*self.pad(images[start:stop], ids[start:stop]))
+      chunks.append((stop - start, out))
+    return {k: np.concatenate([np.asarray(o[k])[:m] for m, o in chunks])
+            if chunks else np.zeros((0,), np.float32)
+            for k in self.output_keys}
+
+  def predict_files(self, paths: Sequence[str], num_workers: int = 4):
+    """Decodes and predicts image files.
+
+    Returns (outputs, errors): outputs as `predict` for the readable files
+    (NaN rows for unreadable ones), errors a {index: reason} dict.
+    """
+    images, errors = image_io.load_images(paths, self.image_size, num_workers)
+    out = self.predict(images, path_ids(paths))
+    for k in out:
+      out[k][list(errors)] = np.nan
+    return out, errors

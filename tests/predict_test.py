@@ -1,0 +1,158 @@
+"""Tests for gender_jax.predict (and the tiny trained workdir other tests use)."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gender_jax import checkpointing
+from gender_jax import config_lib
+from gender_jax import models
+from gender_jax import predict
+from gender_jax import synthetic
+
+IMAGE_SIZE = (24, 20)
+CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'x')
+
+
+def tiny_config(dropout=0.3):
+  config = config_lib.load_sibling(CONFIGS, 'stage2.py')
+  config.model = 'tiny'
+  config.image_size = IMAGE_SIZE
+  config.flatten_dropout_rate = dropout
+  config.dropout_rate = dropout
+  config.eval_batch_size = 16
+  return config
+
+
+def synthetic_batch(n, seed):
+  """n synthetic faces at IMAGE_SIZE with labels (half male)."""
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % 2
+  images = np.stack([synthetic.face_image(rng, bool(y), IMAGE_SIZE)
+                     for y in labels])
+  return images, labels.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def trained_variables(steps=60):
+  """A tiny model trained for a few Adam steps on synthetic faces (cached)."""
+  model = models.create_model(tiny_config())
+  variables = models.init_variables(model, jax.random.key(0), IMAGE_SIZE)
+  params, stats = variables['params'], variables['batch_stats']
+  images, labels = synthetic_batch(128, seed=1)
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, stats, opt, x, y, key):
+    def loss_fn(p):
+      logits, new = model.apply({'params': p, 'batch_stats': stats}, x,
+                                train=True, mutable=['batch_stats'],
+                                rngs={'dropout': key})
+      return optax.sigmoid_binary_cross_entropy(logits, y).mean(), new
+    (_, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), new['batch_stats'], opt
+
+  for i in range(steps):
+    sl = slice((i * 32) % 128, (i * 32) % 128 + 32)
+    params, stats, opt = step(params, stats, opt, images[sl],
+                              labels[sl].astype(np.float32),
+                              jax.random.key(i))
+  return {'params': params, 'batch_stats': stats}
+
+
+def make_workdir(path, dropout=0.3):
+  """Writes a workdir (config.json + best checkpoint) of the tiny model."""
+  path = str(path)
+  checkpointing.write_config(path, tiny_config(dropout))
+  ckpt = checkpointing.Checkpointer(path)
+  ckpt.save_best(7, trained_variables(), {'epoch': 1, 'step': 7})
+  ckpt.close()
+  return path
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return make_workdir(tmp_path_factory.mktemp('w'))
+
+
+def test_trained_model_separates_classes(workdir):
+  images, labels = synthetic_batch(40, seed=9)
+  out = predict.Predictor.from_workdir(workdir, batch_size=16).predict(images)
+  assert ((out['p_male'] >= 0.5) == labels).mean() >= 0.9
+
+
+def test_predict_matches_model_apply_and_pads(workdir):
+  config, model, variables, _ = checkpointing.load_model(workdir)
+  images, _ = synthetic_batch(21, seed=2)
+  out = predict.Predictor(model, variables, config.image_size,
+                          batch_size=8).predict(images)
+  want = model.apply(variables, images, train=False)
+  assert set(out) == {'logit', 'p_male'} and out['p_male'].shape == (21,)
+  np.testing.assert_allclose(out['logit'], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out['p_male'], jax.nn.sigmoid(want), atol=1e-6)
+
+
+def test_mc_statistics_against_numpy():
+  logits = np.random.default_rng(0).normal(0, 2, (7, 5)).astype(np.float32)
+  got = jax.tree.map(np.asarray, predict.mc_statistics(jnp.asarray(logits)))
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  h = lambda q: -(q * np.log(q) + (1 - q) * np.log(1 - q))
+  np.testing.assert_allclose(got['mc_mean'], p.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(got['mc_std'], p.std(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got['mc_entropy'], h(p.mean(0)), rtol=1e-4)
+  np.testing.assert_allclose(got['mc_mutual_info'],
+                             h(p.mean(0)) - h(p).mean(0), atol=1e-5)
+
+
+def test_mc_dropout_zero_rate_has_no_uncertainty(tmp_path):
+  workdir = make_workdir(tmp_path, dropout=0.0)
+  images, _ = synthetic_batch(10, seed=3)
+  out = predict.Predictor.from_workdir(workdir, mc_samples=8,
+                                       batch_size=8).predict(images)
+  np.testing.assert_allclose(out['mc_std'], 0, atol=1e-6)
+  np.testing.assert_allclose(out['mc_mutual_info'], 0, atol=1e-6)
+  np.testing.assert_allclose(out['mc_mean'], out['p_male'], atol=1e-6)
+
+
+def test_mc_dropout_positive_rate_is_stochastic_and_deterministic_per_id(
+    workdir):
+  images, _ = synthetic_batch(12, seed=4)
+  ids = np.arange(100, 112, dtype=np.uint32)
+  pred = predict.Predictor.from_workdir(workdir, mc_samples=16, batch_size=8)
+  out = pred.predict(images, ids)
+  assert (out['mc_std'] > 1e-4).all() and (out['mc_mutual_info'] > 0).all()
+  # Same ids, other batch size and order: same MC numbers (keys per image).
+  other = predict.Predictor.from_workdir(workdir, mc_samples=16, batch_size=4)
+  rev = other.predict(images[::-1], ids[::-1])
+  for k in predict.MC_KEYS:
+    np.testing.assert_allclose(rev[k][::-1], out[k], rtol=1e-5, atol=1e-6)
+  # BatchNorm uses running averages: the mean of many samples is close to
+  # the deterministic prediction, not shifted by batch statistics.
+  many = predict.Predictor.from_workdir(workdir, mc_samples=256, batch_size=8)
+  assert np.abs(many.predict(images, ids)['mc_mean'] - out['p_male']).max() < 0.15
+
+
+def test_predict_files_reports_broken_files(workdir, tmp_path):
+  synthetic.make_raw_dataset(str(tmp_path), counts={'Test': (2, 2)})
+  broken = synthetic.add_broken_files(str(tmp_path / 'Test' / 'Male'))
+  from gender_jax import image_io  # pylint: disable=g-import-not-at-top
+  paths = [str(tmp_path / 'Test' / p)
+           for p in image_io.list_images(str(tmp_path / 'Test'))]
+  out, errors = predict.Predictor.from_workdir(
+      workdir, batch_size=8).predict_files(paths)
+  assert {paths[i] for i in errors} == set(broken)
+  assert np.isnan(out['p_male'][list(errors)]).all()
+  assert np.isfinite(np.delete(out['p_male'], list(errors))).all()
+
+
+def test_bad_arguments():
+  model = models.create_model(tiny_config())
+  with pytest.raises(ValueError, match='mc_samples'):
+    predict.make_predict_fn(model, mc_samples=0)
