@@ -1,0 +1,109 @@
+"""The `gender_faces` TFDS dataset: features, record format and loading.
+
+Records keep the original Keras project's TFRecord format, so its shards are
+valid shards of this dataset as they are:
+
+  images: bytes of `tf.io.serialize_tensor(uint8 HxWx3 RGB image)`
+  label:  int64, female = 0, male = 1
+
+`SerializedImage` is the TFDS feature connector for the `images` bytes. TFDS
+stores its qualified name (`gender_jax.dataset.SerializedImage`) in
+`features.json` and imports this module to rebuild it when the dataset is
+loaded with `tfds.builder_from_directory`.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+NAME = 'gender_faces'
+VERSION = '1.0.0'
+CLASS_NAMES = ('female', 'male')     # label 1 = male, as in the original.
+SPLITS = ('train', 'validation', 'test')
+IMAGE_KEY = 'images'                 # Original project's feature names.
+LABEL_KEY = 'label'
+
+
+class SerializedImage(tfds.features.FeatureConnector):
+  """A uint8 (H, W, 3) image stored as `tf.io.serialize_tensor` bytes."""
+
+  def __init__(self, shape, *, doc=None):
+    super().__init__(doc=doc)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or shape[-1] != 3:
+      raise ValueError(f'SerializedImage needs shape (H, W, 3), got {shape}')
+    self._shape = shape
+
+  def get_tensor_info(self):
+    return tfds.features.TensorInfo(shape=self._shape, dtype=np.uint8)
+
+  def get_serialized_info(self):
+    return tfds.features.TensorInfo(shape=(), dtype=np.object_)
+
+  def encode_example(self, example_data):
+    image = np.asarray(example_data)
+    if image.shape != self._shape or image.dtype != np.uint8:
+      raise ValueError(f'expected a uint8 image of shape {self._shape}, got '
+                       f'{image.dtype} {image.shape}')
+    return serialize_image(image)
+
+  def decode_example(self, tfexample_data):
+    image = tf.io.parse_tensor(tfexample_data, tf.uint8)
+    image.set_shape(self._shape)
+    return image
+
+  def decode_example_np(self, example_data):
+    return parse_image(example_data, self._shape)
+
+  def to_json_content(self):
+    return {'shape': list(self._shape)}
+
+  @classmethod
+  def from_json_content(cls, value, doc=None):
+    return cls(shape=value['shape'], doc=doc)
+
+
+def features(image_size):
+  """The dataset's features for images of `image_size` = (height, width)."""
+  height, width = image_size
+  return tfds.features.FeaturesDict({
+      IMAGE_KEY: SerializedImage(shape=(height, width, 3)),
+      LABEL_KEY: tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+  })
+
+
+def serialize_image(image: np.ndarray) -> bytes:
+  """The original record's `images` bytes: `tf.io.serialize_tensor(image)`."""
+  return tf.io.serialize_tensor(tf.convert_to_tensor(image, tf.uint8)).numpy()
+
+
+def parse_image(data: bytes, shape=None) -> np.ndarray:
+  """Inverse of `serialize_image`; checks the shape when one is given."""
+  image = tf.io.parse_tensor(data, tf.uint8).numpy()
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'not a serialized HxWx3 image: shape {image.shape}')
+  if shape is not None and tuple(image.shape) != tuple(shape):
+    raise ValueError(f'image shape {image.shape} != expected {tuple(shape)}')
+  return image
+
+
+def dataset_dir(data_dir: str, name: str = NAME, version: str = VERSION) -> str:
+  """`<data_dir>/<name>/<version>`: where the shards and metadata live."""
+  return os.path.join(os.fspath(data_dir), name, version)
+
+
+def load_builder(data_dir: str, name: str = NAME,
+                 version: str = VERSION) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of a dataset made by `scripts/prepare_data.py`."""
+  path = dataset_dir(data_dir, name, version)
+  if not os.path.exists(os.path.join(path, 'dataset_info.json')):
+    raise FileNotFoundError(
+        f'No TFDS dataset {name!r} (version {version}) at {path}. Make it '
+        'from the raw image folders with\n  python scripts/prepare_data.py '
+        f'--raw_dir=<folder with Train/ Validation/ [Test/]> --data_dir={data_dir}'
+        '\nor wrap the original project\'s TFRecord shards with\n  python '
+        'scripts/prepare_data.py --tfrecord_dir=<shards folder> '
+        f'--data_dir={data_dir}')
+  return tfds.builder_from_directory(path)
