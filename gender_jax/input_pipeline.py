@@ -1,0 +1,193 @@
+"""tf.data pipelines from the `gender_faces` TFDS dataset to sharded batches.
+
+Each process reads its own slice of a split (`tfds.split_for_jax_process`),
+batches to its share of the global batch and hands numpy batches to
+`sharding.to_global`, so every batch is a global `jax.Array` split over the
+('data',) mesh. Images stay uint8 (the model rescales).
+
+* Training: shuffle (buffer `config.shuffle_buffer`, seed `config.seed +
+  epoch`), repeat `config.repeat` times, full batches only. An epoch is
+  deterministic given (seed, epoch), so a run resumed at `start_step` sees the
+  same remaining batches.
+* Evaluation: every example exactly once; the last batches are padded with
+  zero images whose `mask` is False, and every process yields the same number
+  of batches.
+"""
+
+import collections
+import logging
+import math
+
+import jax
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from gender_jax import dataset
+from gender_jax import sharding
+
+try:  # TF only feeds the input pipeline; keep it off the accelerators.
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF already initialised (e.g. by another module).
+  pass
+
+log = logging.getLogger(__name__)
+_logged_resizes = set()
+_caches = {}
+
+
+def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """Examples in `split` (any TFDS split string, e.g. 'train[:10%]')."""
+  available = list(builder.info.splits)
+  base = split.split('[')[0]
+  if base not in available:
+    raise ValueError(f'split {split!r} is not in the dataset at '
+                     f'{builder.data_dir}; it has {sorted(available)}.')
+  return builder.info.splits[split].num_examples
+
+
+def stored_image_size(builder: tfds.core.DatasetBuilder) -> tuple:
+  """(height, width) of the images stored in the dataset."""
+  return tuple(builder.info.features[dataset.IMAGE_KEY].shape[:2])
+
+
+def train_steps_per_epoch(config, builder) -> int:
+  """Full local batches per epoch: per-process examples * repeat // batch."""
+  local = sharding.local_batch_size(config.batch_size)
+  per_process = num_examples(builder, config.train_split) // jax.process_count()
+  steps = per_process * config.repeat // local
+  if config.steps_per_epoch:
+    steps = min(steps, config.steps_per_epoch)
+  if steps < 1:
+    raise ValueError(
+        f'{config.train_split!r} has {per_process} examples per process, '
+        f'fewer than one batch of {local} (x repeat {config.repeat}); lower '
+        'config.batch_size.')
+  return steps
+
+
+def eval_steps(config, builder, split: str) -> int:
+  """Batches `eval_iterator` yields (the same on every process)."""
+  local = sharding.local_batch_size(config.eval_batch_size)
+  per_process = math.ceil(num_examples(builder, split) / jax.process_count())
+  steps = math.ceil(per_process / local)
+  if config.eval_steps:
+    steps = min(steps, config.eval_steps)
+  return steps
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def _read(builder, split: str, shuffle_files: bool, seed: int):
+  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False,
+                                options=_options())
+  return builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                            read_config=read_config)
+
+
+def _preprocess_fn(config, builder):
+  """Record -> {'image': uint8 (H, W, 3), 'label': int32}, resizing if needed."""
+  stored, wanted = stored_image_size(builder), tuple(config.image_size)
+  if stored != wanted and (stored, wanted) not in _logged_resizes:
+    _logged_resizes.add((stored, wanted))
+    if jax.process_index() == 0:
+      log.info('dataset images are %dx%d; resizing to config.image_size '
+               '%dx%d in the input pipeline (bilinear).', *stored, *wanted)
+
+  def preprocess(example):
+    image = example[dataset.IMAGE_KEY]
+    if stored != wanted:
+      image = tf.image.resize(image, wanted, method='bilinear')
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return {'image': image,
+            'label': tf.cast(example[dataset.LABEL_KEY], tf.int32)}
+  return preprocess
+
+
+def _train_examples(config, builder, epoch: int):
+  """This process's decoded training examples, files shuffled per epoch."""
+  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
+  preprocess = _preprocess_fn(config, builder)
+  if not config.cache:
+    return _read(builder, split, True, config.seed + epoch).map(
+        preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  # One in-memory cache per (dataset, split, size) for the whole run; its file
+  # order is fixed by config.seed, examples are still shuffled per epoch.
+  key = (str(builder.data_dir), str(split), tuple(config.image_size),
+         config.seed)
+  if key not in _caches:
+    _caches[key] = _read(builder, split, True, config.seed).map(
+        preprocess, num_parallel_calls=tf.data.AUTOTUNE).cache()
+  return _caches[key]
+
+
+def train_dataset(config, builder, epoch: int, start_step: int = 0):
+  """The local tf.data.Dataset behind `train_iterator` (numpy batches)."""
+  steps = train_steps_per_epoch(config, builder)
+  seed = config.seed + epoch
+  ds = _train_examples(config, builder, epoch)
+  ds = ds.shuffle(config.shuffle_buffer, seed=seed,
+                  reshuffle_each_iteration=True)
+  ds = ds.repeat(config.repeat)
+  ds = ds.batch(sharding.local_batch_size(config.batch_size),
+                drop_remainder=True)
+  ds = ds.take(steps).skip(start_step)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(config, builder, split: str):
+  """The local tf.data.Dataset behind `eval_iterator` (numpy batches)."""
+  local = sharding.local_batch_size(config.eval_batch_size)
+  steps = eval_steps(config, builder, split)
+  ds = _read(builder, tfds.split_for_jax_process(split), False, config.seed)
+  ds = ds.map(_preprocess_fn(config, builder),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(True)})
+  height, width = config.image_size
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros((height, width, 3), tf.uint8),
+      'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(False)}).repeat()
+  ds = ds.concatenate(padding).take(steps * local).batch(local)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _device_prefetch(iterator, size: int):
+  """Keeps `size` batches already transferred to the devices ahead."""
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append(batch)
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def _to_global(ds, mesh, prefetch: int):
+  batches = (sharding.to_global(b, mesh) for b in tfds.as_numpy(ds))
+  return _device_prefetch(batches, prefetch)
+
+
+def train_iterator(config, builder, mesh, epoch: int, start_step: int = 0):
+  """Batches of epoch `epoch` from step `start_step`: {'image', 'label'}.
+
+  'image' is uint8 (B, H, W, 3) and 'label' int32 (B,), both global
+  jax.Arrays sharded over mesh axis 'data'; B = config.batch_size.
+  """
+  return _to_global(train_dataset(config, builder, epoch, start_step), mesh,
+                    config.prefetch)
+
+
+def eval_iterator(config, builder, mesh, split: str):
+  """Batches covering every example of `split` once: {'image','label','mask'}.
+
+  Padded examples have mask False; B = config.eval_batch_size. Honours the
+  config.eval_steps cap.
+  """
+  return _to_global(eval_dataset(config, builder, split), mesh,
+                    config.prefetch)
