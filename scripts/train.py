@@ -1,0 +1,67 @@
+r"""Trains the gender classifier (stage 1 from scratch, stage 2 fine-tuning).
+
+  python scripts/train.py --config=configs/stage1.py --workdir=runs/stage1 \
+      --config.data_dir=/path/tfds
+  python scripts/train.py --config=configs/stage2.py --workdir=runs/stage2 \
+      --config.data_dir=/path/tfds --config.init_from=runs/stage1
+
+Any config field can be overridden with --config.<field>=<value>. The same
+command runs on one CPU, one GPU, a TPU slice or several hosts (set
+--config.distributed or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID on each host). Rerunning with the same --workdir resumes from
+its latest checkpoint. TensorBoard: tensorboard --logdir=<workdir>.
+"""
+
+import json
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from gender_jax import config_lib
+from gender_jax import train
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
+                               'TensorBoard events and results.',
+                               required=True)
+config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                lock_config=True)
+
+
+def _quiet_orbax(record) -> bool:
+  """Drops orbax and TFDS INFO chatter (their warnings and errors stay)."""
+  return record.levelno > std_logging.INFO or not any(
+      name in record.pathname for name in ('orbax', 'tensorflow_datasets'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_logger().addFilter(_quiet_orbax)
+  config = flags.FLAGS.config
+  try:
+    config_lib.validate(config)
+  except ValueError as e:
+    sys.exit(f'ERROR: {e}')
+  # Before anything touches the devices.
+  train.maybe_initialize_distributed(config)
+  try:
+    summary = train.train_and_evaluate(config, _WORKDIR.value)
+  except (FileNotFoundError, train.TrainingError) as e:
+    logging.error('%s', e)
+    sys.exit(f'ERROR: {e}')
+  final = summary['final_evaluation']
+  print(json.dumps({'workdir': _WORKDIR.value,
+                    'best_epoch': summary['best_epoch'],
+                    'best_val_accuracy': summary['best_val_accuracy'],
+                    **{f'{split}_accuracy': r['accuracy']
+                       for split, r in final.items()},
+                    'train_seconds': summary['train_seconds']}))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main, flags_parser=config_lib.flags_parser)
