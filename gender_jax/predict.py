@@ -168,15 +168,15 @@ class Predictor:
     return self._fn(self.variables, images, ids)
 
   def pad(self, images: np.ndarray, ids: np.ndarray):
-    """Zero-pads images/ids to batch_size rows."""
-    n = len(images)
-    if n == self.batch_size:
-      return images, ids
-    padded = np.zeros((self.batch_size, *self.image_size, 3), np.uint8)
-    padded[:n] = images
-    padded_ids = np.zeros((self.batch_size,), np.uint32)
-    padded_ids[:n] = ids
-    return padded, padded_ids
+    """Zero-pads images and ids to batch_size rows (each if shorter)."""
+    def fill(x, dtype):
+      x = np.asarray(x, dtype)
+      if len(x) == self.batch_size:
+        return x
+      out = np.zeros((self.batch_size, *x.shape[1:]), dtype)
+      out[:len(x)] = x
+      return out
+    return fill(images, np.uint8), fill(ids, np.uint32)
 
   def predict(self, images, ids: Optional[np.ndarray] = None
               ) -> Dict[str, np.ndarray]:

@@ -1,0 +1,62 @@
+r"""Labels every image under a folder with a trained model, into CSV.
+
+  python scripts/label.py --workdir=runs/stage2 --images=/data/vggface2/train \
+      --output=labels.csv [--mc_samples=20] [--batch_size=64] \
+      [--per_directory] [--labels=identity_meta.csv]
+
+One row per image (path, p_male, predicted, MC-Dropout mean/std/entropy/
+mutual information with --mc_samples>1, error). Unreadable files get a row
+with the reason. Rerun the same command after an interruption to continue
+where it stopped. With --per_directory, <output>_per_directory.csv and
+<output>_flagged.csv summarise each folder (identity); with given labels
+(--labels, or Male/Female folders), <output>_mislabels.csv ranks the images
+whose given label is most likely wrong.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from gender_jax import label
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (its best '
+                               'checkpoint is used).', required=True)
+_IMAGES = flags.DEFINE_string('images', None, 'Folder searched recursively.',
+                              required=True)
+_OUTPUT = flags.DEFINE_string('output', None, 'CSV file to write.',
+                              required=True)
+_MC_SAMPLES = flags.DEFINE_integer(
+    'mc_samples', 1, 'MC-Dropout samples per image (1: no MC statistics).')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per batch.')
+_SEED = flags.DEFINE_integer('seed', 0, 'MC-Dropout seed.')
+_NUM_WORKERS = flags.DEFINE_integer(
+    'num_workers', None, 'Image decoding threads (default: cores, at most 8).')
+_LABELS = flags.DEFINE_string(
+    'labels', None, "Given labels: a CSV of (image or folder path, label), or "
+    "'folders' for a Male/Female folder layout (used automatically when every "
+    'image is under such a folder).')
+_PER_DIRECTORY = flags.DEFINE_bool(
+    'per_directory', False, 'Also summarise each folder and flag images that '
+    "disagree with their folder's majority or their given label.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)   # Keeps orbax's INFO lines out.
+  try:
+    summary = label.label_images(
+        _WORKDIR.value, _IMAGES.value, _OUTPUT.value,
+        mc_samples=_MC_SAMPLES.value, batch_size=_BATCH_SIZE.value,
+        seed=_SEED.value, num_workers=_NUM_WORKERS.value,
+        labels=_LABELS.value, per_directory=_PER_DIRECTORY.value)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f'label.py: {e}')
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)

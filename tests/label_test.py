@@ -1,0 +1,211 @@
+"""Tests for gender_jax.label: the resumable folder labeller."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gender_jax import image_io
+from gender_jax import label
+from gender_jax import synthetic
+from predict_test import make_workdir
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  return make_workdir(tmp_path_factory.mktemp('w'))
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+  """Synthetic Female/Male folders (mixed formats/sizes) + 3 broken files."""
+  root = tmp_path_factory.mktemp('images')
+  synthetic.make_raw_dataset(str(root), counts={'Test': (14, 15)}, seed=5)
+  broken = synthetic.add_broken_files(str(root / 'Test' / 'Female'))
+  return str(root / 'Test'), broken
+
+
+def read_csv(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def run(workdir, images_dir, out, **kwargs):
+  kwargs.setdefault('batch_size', 8)
+  return label.label_images(workdir, images_dir, str(out), progress=False,
+                            **kwargs)
+
+
+def test_list_images_sorted_recursive_and_filtered(tmp_path):
+  for rel in ('b/2.JPG', 'b/1.png', 'a/c/3.jpeg', 'a/4.webp', 'x.txt',
+              '.hidden/5.jpg', 'a/.6.jpg', 'top.bmp'):
+    os.makedirs(os.path.dirname(str(tmp_path / rel)) or str(tmp_path),
+                exist_ok=True)
+    (tmp_path / rel).write_bytes(b'')
+  assert image_io.list_images(str(tmp_path)) == [
+      'top.bmp', 'a/4.webp', 'a/c/3.jpeg', 'b/1.png', 'b/2.JPG']
+
+
+def test_one_row_per_file_errors_have_reasons(workdir, images, tmp_path):
+  images_dir, broken = images
+  summary = run(workdir, images_dir, tmp_path / 'l.csv')
+  rows = read_csv(tmp_path / 'l.csv')
+  files = image_io.list_images(images_dir)
+  assert [r['path'] for r in rows] == files
+  assert summary['num_rows'] == len(files) == 14 + 15 + 3
+  assert summary['num_errors'] == summary['num_errors_now'] == 3
+  bad = {r['path']: r['error'] for r in rows if r['error']}
+  assert set(bad) == {os.path.relpath(p, images_dir) for p in broken}
+  assert all(reason and r == '' for reason, r in
+             ((bad[p], next(x['p_male'] for x in rows if x['path'] == p))
+              for p in bad))
+  good = [r for r in rows if not r['error']]
+  p = np.asarray([float(r['p_male']) for r in good])
+  assert ((p >= 0.5) == [r['predicted'] == 'male' for r in good]).all()
+  truth = np.asarray([r['path'].startswith('Male/') for r in good])
+  assert ((p >= 0.5) == truth).mean() >= 0.9
+  assert list(rows[0]) == ['path', 'p_male', 'predicted', 'error']
+  assert summary['images_per_second'] > 0
+
+
+def test_matches_predictor_on_decoded_images(workdir, images, tmp_path):
+  images_dir, _ = images
+  run(workdir, images_dir, tmp_path / 'l.csv')
+  rows = [r for r in read_csv(tmp_path / 'l.csv') if not r['error']][:6]
+  from gender_jax import predict  # pylint: disable=g-import-not-at-top
+  batch = np.stack([image_io.load_image(os.path.join(images_dir, r['path']),
+                                        (24, 20)) for r in rows])
+  want = predict.Predictor.from_workdir(workdir, batch_size=8).predict(batch)
+  np.testing.assert_allclose([float(r['p_male']) for r in rows],
+                             want['p_male'], rtol=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted(workdir, images, tmp_path):
+  images_dir, _ = images
+  full = tmp_path / 'full.csv'
+  run(workdir, images_dir, full, mc_samples=5)
+  text = full.read_text()
+  # A run killed mid-write: keeps 13 rows and half of the 14th.
+  lines = text.splitlines(keepends=True)
+  part = tmp_path / 'part.csv'
+  part.write_text(''.join(lines[:14]) + lines[14][:9])
+  os.link(str(full) + '.args.json', str(part) + '.args.json')
+  summary = run(workdir, images_dir, part, mc_samples=5)
+  assert summary['num_resumed'] == 13
+  assert part.read_text() == text
+  # Rerunning a finished output adds nothing.
+  assert run(workdir, images_dir, part, mc_samples=5)['num_labelled_now'] == 0
+  assert part.read_text() == text
+
+
+def test_resume_refuses_other_arguments(workdir, images, tmp_path):
+  images_dir, _ = images
+  out = tmp_path / 'l.csv'
+  run(workdir, images_dir, out)
+  with pytest.raises(ValueError, match='mc_samples'):
+    run(workdir, images_dir, out, mc_samples=3)
+  os.remove(str(out) + '.args.json')
+  with pytest.raises(ValueError, match='cannot be resumed'):
+    run(workdir, images_dir, out)
+
+
+def test_mc_columns_zero_and_positive_dropout(images, tmp_path):
+  images_dir, _ = images
+  for dropout in (0.0, 0.3):
+    w = make_workdir(tmp_path / f'w{dropout}', dropout=dropout)
+    out = tmp_path / f'mc{dropout}.csv'
+    run(w, images_dir, out, mc_samples=10)
+    rows = [r for r in read_csv(out) if not r['error']]
+    std = np.asarray([float(r['mc_std']) for r in rows])
+    bald = np.asarray([float(r['mc_mutual_info']) for r in rows])
+    ent = np.asarray([float(r['mc_entropy']) for r in rows])
+    assert (ent >= bald - 1e-6).all()
+    if dropout == 0:
+      assert np.abs(std).max() < 1e-6 and np.abs(bald).max() < 1e-6
+    else:
+      assert (std > 0).mean() > 0.9 and (bald > 0).mean() > 0.9
+
+
+def test_per_directory_summary_and_flags(workdir, images, tmp_path):
+  images_dir, _ = images
+  out = tmp_path / 'l.csv'
+  summary = run(workdir, images_dir, out, per_directory=True)
+  dirs = {r['directory']: r for r in read_csv(summary['per_directory_csv'])}
+  assert set(dirs) == {'Female', 'Male'}
+  assert dirs['Female']['majority'] == 'female'
+  assert dirs['Male']['majority'] == 'male'
+  rows = read_csv(out)
+  for name, d in dirs.items():
+    mine = [r for r in rows if r['path'].startswith(name + '/')]
+    ok = [r for r in mine if not r['error']]
+    agree = sum(r['predicted'] == d['majority'] for r in ok)
+    assert int(d['images']) == len(mine)
+    assert float(d['agreement']) == pytest.approx(agree / len(ok), abs=1e-6)
+  flagged = read_csv(summary['flagged_csv'])
+  disagree = {r['path'] for r in rows if not r['error'] and
+              r['predicted'] != dirs[r['path'].split('/')[0]]['majority']}
+  assert {r['path'] for r in flagged} == disagree
+  assert all('folder majority' in r['reasons'] for r in flagged)
+
+
+def test_flipped_labels_rank_at_the_top(workdir, images, tmp_path):
+  """Deliberately wrong given labels are the most likely mislabels."""
+  images_dir, _ = images
+  files = [p for p in image_io.list_images(images_dir)
+           if not p.split('/')[-1].startswith('broken')]
+  rng = np.random.default_rng(0)
+  flipped = set(rng.choice(files, 5, replace=False).tolist())
+  labels_csv = tmp_path / 'given.csv'
+  with open(labels_csv, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['path', 'label'])
+    for p in files:
+      male = p.startswith('Male/')
+      w.writerow([p, 'female' if male == (p in flipped) else 'male'])
+  summary = run(workdir, images_dir, tmp_path / 'l.csv', mc_samples=10,
+                labels=str(labels_csv), per_directory=True)
+  ranked = read_csv(summary['mislabels_csv'])
+  assert len(ranked) == len(files)
+  top = {r['path'] for r in ranked[:len(flipped)]}
+  assert len(top & flipped) >= 4
+  assert {r['path'] for r in ranked[:8]} >= flipped
+  scores = [float(r['score']) for r in ranked]
+  assert scores == sorted(scores, reverse=True)
+  flagged = {r['path']: r['reasons'] for r in read_csv(summary['flagged_csv'])}
+  assert all('given label' in flagged[p] for p in top & flipped)
+
+
+def test_folder_layout_gives_labels_and_folder_labels_file(workdir, images,
+                                                           tmp_path):
+  images_dir, _ = images
+  # Automatic: every image is under Male/ or Female/.
+  summary = run(workdir, images_dir, tmp_path / 'a.csv')
+  assert summary['num_with_given_label'] == 14 + 15 + 3
+  # A folder-level labels file (VGGFace2 identity_meta.csv style).
+  meta = tmp_path / 'identity_meta.csv'
+  meta.write_text('Class_ID, Name, Gender\nMale, x, m\nFemale, y, f\n')
+  summary2 = run(workdir, images_dir, tmp_path / 'b.csv', labels=str(meta))
+  assert summary2['num_disagree_given'] == summary['num_disagree_given']
+  assert (read_csv(summary2['mislabels_csv'])
+          == read_csv(summary['mislabels_csv']))
+  meta.write_text('path,label\nMale,maybe\n')
+  with pytest.raises(ValueError, match='line 2'):
+    run(workdir, images_dir, tmp_path / 'c.csv', labels=str(meta))
+
+
+def test_arguments_sidecar_and_any_image_size(workdir, tmp_path):
+  folder = tmp_path / 'imgs'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i, size in enumerate([(300, 200), (7, 9), (24, 20)]):
+    Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(
+        folder / f'{i}.png')
+  out = tmp_path / 'l.csv'
+  summary = run(workdir, str(folder), out)
+  assert summary['num_rows'] == 3 and summary['num_errors'] == 0
+  assert 'num_with_given_label' not in summary
+  args = json.loads((tmp_path / 'l.csv.args.json').read_text())
+  assert args['mc_samples'] == 1 and args['image_size'] == [24, 20]
