@@ -182,25 +182,37 @@ class _ShardTask:
   image_size: tuple
 
 
-def _write_shard(task: _ShardTask):
-  """Decodes, resizes and writes one shard; returns (task, counts, skipped)."""
+_PROGRESS_EVERY = 50   # Images between progress reports from a worker.
+_worker_progress = None
+
+
+def _write_shard(task: _ShardTask, report=None):
+  """Decodes, resizes and writes one shard; returns (task, counts, skipped).
+
+  `report(n)` is called every few images with the number done since the last
+  call (default: the worker's progress queue, if any).
+  """
+  report = report or (_worker_progress.put if _worker_progress else None)
   counts = [0] * len(dataset.CLASS_NAMES)
   skipped = []
   with tf.io.TFRecordWriter(task.path) as writer:
-    for path, label in task.items:
+    for i, (path, label) in enumerate(task.items, 1):
       try:
         if os.path.getsize(path) == 0:
           raise ValueError('empty file (0 bytes)')
         image = image_io.load_image(path, task.image_size)
+        writer.write(_example(dataset.serialize_image(image), label))
+        counts[label] += 1
       except Exception as e:  # pylint: disable=broad-except
         skipped.append((path, image_io.error_reason(e)))
-        continue
-      writer.write(_example(dataset.serialize_image(image), label))
-      counts[label] += 1
+      if report and (i % _PROGRESS_EVERY == 0 or i == len(task.items)):
+        report(i % _PROGRESS_EVERY or _PROGRESS_EVERY)
   return task, counts, skipped
 
 
-def _init_worker():
+def _init_worker(progress_queue):
+  global _worker_progress
+  _worker_progress = progress_queue
   tf.config.set_visible_devices([], 'GPU')
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -213,19 +225,27 @@ def _run_tasks(tasks, num_workers: int, total: int, show_progress: bool):
   with bar:
     if num_workers <= 1 or len(tasks) <= 1:
       for task in tasks:
-        result = _write_shard(task)
-        bar.update(len(task.items))
-        yield result
+        yield _write_shard(task, bar.update)
       return
     # 'spawn': workers must not inherit the parent's running TF runtime.
-    with concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context('spawn'),
-        initializer=_init_worker) as pool:
-      futures = [pool.submit(_write_shard, t) for t in tasks]
-      for future in concurrent.futures.as_completed(futures):
-        result = future.result()
-        bar.update(len(result[0].items))
-        yield result
+    context = multiprocessing.get_context('spawn')
+    progress = context.Queue()
+    pool = concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=context, initializer=_init_worker,
+        initargs=(progress,))
+    try:
+      pending = {pool.submit(_write_shard, t) for t in tasks}
+      while pending:
+        done, pending = concurrent.futures.wait(
+            pending, timeout=0.25,
+            return_when=concurrent.futures.FIRST_COMPLETED)
+        while not progress.empty():
+          bar.update(progress.get())
+        for future in done:
+          yield future.result()
+      bar.update(bar.total - bar.n)   # Reports still queued when all ended.
+    finally:
+      pool.shutdown(cancel_futures=True)
 
 
 def _shard_name(split: str, index: int, total: int) -> str:

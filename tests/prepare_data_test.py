@@ -4,6 +4,8 @@ import collections
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -260,3 +262,21 @@ def test_wrap_rejects_bad_names_and_mislabelled_shards(tmp_path):
   with pytest.raises(prepare_data.LayoutError, match='junk.tfrecord'):
     prepare_data.wrap_tfrecords(folder, str(tmp_path / 'out'))
   assert not os.path.exists(str(tmp_path / 'out' / 'gender_faces' / '1.0.0'))
+
+
+def test_script_wraps_shards_and_rejects_two_sources(tmp_path):
+  script = os.path.join(os.path.dirname(__file__), os.pardir, 'scripts',
+                        'prepare_data.py')
+  _write_original_shards(str(tmp_path / 'orig'), np.random.default_rng(0))
+  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
+  run = lambda *flags: subprocess.run(  # pylint: disable=g-long-lambda
+      [sys.executable, script, f'--data_dir={tmp_path / "out"}', *flags],
+      capture_output=True, text=True, env=env)
+  out = run(f'--tfrecord_dir={tmp_path / "orig"}', '--copy')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'train: 12 examples (female 5, male 7)' in out.stderr
+  assert dataset.load_builder(str(tmp_path / 'out')).info.splits[
+      'validation'].num_examples == 5
+  out = run(f'--tfrecord_dir={tmp_path / "orig"}', f'--raw_dir={tmp_path}')
+  assert out.returncode != 0
+  assert 'exactly one of --raw_dir or --tfrecord_dir' in out.stderr
