@@ -18,6 +18,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+try:  # TF only reads and writes data here; keep it off the accelerators.
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF's runtime already started elsewhere.
+  pass
+
 NAME = 'gender_faces'
 VERSION = '1.0.0'
 CLASS_NAMES = ('female', 'male')     # label 1 = male, as in the original.

@@ -25,11 +25,6 @@ import tensorflow_datasets as tfds
 from gender_jax import dataset
 from gender_jax import sharding
 
-try:  # TF only feeds the input pipeline; keep it off the accelerators.
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TF already initialised (e.g. by another module).
-  pass
-
 log = logging.getLogger(__name__)
 _logged_resizes = set()
 _caches = {}
@@ -38,10 +33,10 @@ _caches = {}
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   """Examples in `split` (any TFDS split string, e.g. 'train[:10%]')."""
   available = list(builder.info.splits)
-  base = split.split('[')[0]
-  if base not in available:
-    raise ValueError(f'split {split!r} is not in the dataset at '
-                     f'{builder.data_dir}; it has {sorted(available)}.')
+  for part in split.split('+'):
+    if part.split('[')[0].strip() not in available:
+      raise ValueError(f'split {part!r} is not in the dataset at '
+                       f'{builder.data_dir}; it has {sorted(available)}.')
   return builder.info.splits[split].num_examples
 
 

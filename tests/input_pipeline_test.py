@@ -114,8 +114,9 @@ def test_eval_steps_cap_and_unknown_split(data_dir):
   batches = list(input_pipeline.eval_iterator(
       config, builder, sharding.make_mesh(), 'validation'))
   assert len(batches) == 1
+  assert input_pipeline.num_examples(builder, 'train[:10]+validation') == 27
   with pytest.raises(ValueError, match="'test' is not in the dataset"):
-    input_pipeline.num_examples(builder, 'test')
+    input_pipeline.num_examples(builder, 'train+test')
 
 
 def test_resizes_when_config_size_differs(data_dir):
