@@ -1,0 +1,342 @@
+"""Tests of gender_jax.train: Keras callback rules, steps, end-to-end runs."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gender_jax import checkpointing
+from gender_jax import config_lib
+from gender_jax import input_pipeline
+from gender_jax import models
+from gender_jax import sharding
+from gender_jax import synthetic
+from gender_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, 'configs', 'default.py')
+
+
+def tiny_config(data_dir, stage='stage1.py', **overrides):
+  config = config_lib.load_sibling(CONFIGS, stage)
+  config.data_dir = str(data_dir)
+  config.model = 'tiny'
+  config.image_size = (24, 20)
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.num_epochs = 2
+  config.steps_per_epoch = 6
+  config.log_every_steps = 4
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('data')
+  synthetic.make_tfds_dataset(str(root), image_size=(24, 20))
+  return str(root)
+
+
+def _params(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(_params(a), _params(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------
+# Keras callback rules, written out by hand.
+
+
+def keras_plateau_lrs(val_losses, lr, factor, patience, min_delta, min_lr):
+  """keras.callbacks.ReduceLROnPlateau(monitor='val_loss'), cooldown 0."""
+  best, wait, lrs = math.inf, 0, []
+  for current in val_losses:
+    lrs.append(lr)  # The learning rate used during this epoch.
+    if current < best - min_delta:
+      best, wait = current, 0
+    else:
+      wait += 1
+      if wait >= patience and lr > min_lr:
+        lr, wait = max(lr * factor, min_lr), 0
+  return lrs + [lr]
+
+
+def keras_early_stopping(val_accs, patience, min_delta):
+  """keras.callbacks.EarlyStopping(val_accuracy, mode='max'): (best, stop)."""
+  best, wait, best_epoch = -math.inf, 0, None
+  for epoch, current in enumerate(val_accs):
+    wait += 1
+    if current - min_delta > best:
+      best, best_epoch, wait = current, epoch, 0
+      continue
+    if wait >= patience and epoch > 0:
+      return best_epoch, epoch
+  return best_epoch, None
+
+
+@pytest.mark.parametrize('val_losses', [
+    [0.5, 0.4, 0.40005, 0.41, 0.39995, 0.3, 0.31, 0.32, 0.33, 0.34, 0.2],
+    [0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7],
+    [0.9, 0.8, 0.7, 0.6, 0.5],
+])
+@pytest.mark.parametrize('patience', [2, 3])
+def test_plateau_matches_keras(val_losses, patience):
+  config = config_lib.load_sibling(CONFIGS, 'stage1.py')
+  config.plateau_patience = patience
+  want = keras_plateau_lrs(val_losses, config.learning_rate,
+                           config.plateau_factor, patience,
+                           config.plateau_min_delta, config.min_learning_rate)
+  plateau = train.new_loop_state()['plateau']
+  got = [config.learning_rate]
+  for loss in val_losses:
+    plateau = json.loads(json.dumps(train.update_plateau(config, plateau,
+                                                         loss)))
+    got.append(config.learning_rate * plateau['scale'])
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert min(got) >= config.min_learning_rate * (1 - 1e-6)
+
+
+@pytest.mark.parametrize('val_accs', [
+    [0.6, 0.7, 0.7005, 0.701, 0.69, 0.7, 0.71, 0.7, 0.7, 0.7, 0.7, 0.7, 0.8],
+    [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+    [0.5, 0.6, 0.7, 0.8, 0.9],
+    [0.9, 0.8, 0.95, 0.9, 0.9, 0.9991, 0.9, 0.9, 0.9, 0.9],
+])
+@pytest.mark.parametrize('patience', [3, 5])
+def test_early_stopping_matches_keras(val_accs, patience):
+  config = config_lib.load_sibling(CONFIGS, 'stage1.py')
+  config.early_stopping_patience = patience
+  want_best, want_stop = keras_early_stopping(
+      val_accs, patience, config.early_stopping_min_delta)
+  es = train.new_loop_state()['early_stopping']
+  got_best = got_stop = None
+  for epoch, acc in enumerate(val_accs):
+    es, improved, stop = train.update_early_stopping(config, es, acc)
+    es = json.loads(json.dumps(es))
+    if improved:
+      got_best = epoch
+    if stop:
+      got_stop = epoch
+      break
+  assert (got_best, got_stop) == (want_best, want_stop)
+
+
+# ---------------------------------------------------------------------------
+# Steps.
+
+
+def test_train_step_learns_and_updates_batch_stats(data_dir):
+  config = tiny_config(data_dir)
+  mesh = sharding.make_mesh()
+  model = models.create_model(config)
+  state = train.init_state(config, model, mesh)
+  before = jax.tree.map(np.asarray, state.variables())
+  step = train.make_train_step(config, model, mesh)
+  rng = jax.random.key(0)
+  images = np.random.default_rng(0).integers(0, 256, (16, 24, 20, 3),
+                                             dtype=np.uint8)
+  labels = (np.arange(16) % 2).astype(np.int32)
+  batch = sharding.to_global({'image': images, 'label': labels}, mesh)
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, batch, rng)
+    losses.append(float(metrics.compute()['loss']))
+  assert int(state.step) == 3
+  assert all(np.isfinite(losses))
+  for x, y in zip(_params(before['batch_stats']),
+                  _params(state.batch_stats)):
+    assert not np.allclose(x, y)
+  for x, y in zip(_params(before['params']), _params(state.params)):
+    assert not np.allclose(x, y)
+  assert train.get_learning_rate(state) == pytest.approx(1e-3)
+  state = train.set_learning_rate(state, 5e-4, mesh)
+  assert train.get_learning_rate(state) == pytest.approx(5e-4)
+
+
+def test_eval_is_exact_over_padded_batches(data_dir):
+  """Masked sums / mask count equal a plain numpy pass over every example."""
+  config = tiny_config(data_dir, eval_batch_size=48)   # 40 examples: padded.
+  mesh = sharding.make_mesh()
+  model = models.create_model(config)
+  state = train.init_state(config, model, mesh)
+  builder = train.dataset.load_builder(config.data_dir)
+  got = train.evaluate(train.make_eval_step(model, mesh), state.variables(),
+                       config, builder, mesh, 'validation')
+  images, labels = [], []
+  for batch in input_pipeline.eval_iterator(config, builder, mesh,
+                                            'validation'):
+    mask = np.asarray(batch['mask'])
+    images.append(np.asarray(batch['image'])[mask])
+    labels.append(np.asarray(batch['label'])[mask])
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  logits = np.asarray(model.apply(state.variables(), images, train=False))
+  loss, correct = train.per_example_metrics(logits, labels)
+  assert got['count'] == 40 == len(labels)
+  assert got['loss'] == pytest.approx(float(np.mean(loss)), rel=1e-5)
+  assert got['accuracy'] == pytest.approx(float(np.mean(correct)), abs=1e-7)
+
+
+SHARDED_SCRIPT = r'''
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+import jax, numpy as np
+from jax.sharding import Mesh
+sys.path.insert(0, sys.argv[1])
+from tests.train_test import tiny_config
+from gender_jax import models, sharding, train
+assert jax.device_count() == 8, jax.devices()
+results = []
+for devices in (jax.devices(), jax.devices()[:1]):
+  mesh = Mesh(np.asarray(devices), ('data',))
+  config = tiny_config('unused', dropout_rate=0.3)
+  model = models.create_model(config)
+  state = train.init_state(config, model, mesh)
+  step = train.make_train_step(config, model, mesh)
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    batch = {'image': rng.integers(0, 256, (16, 24, 20, 3), dtype=np.uint8),
+             'label': rng.integers(0, 2, (16,)).astype(np.int32)}
+    batch = jax.device_put(batch, sharding.data_sharding(mesh))
+    state, metrics = step(state, batch, jax.random.key(7))
+  assert len(state.params['Dense_0']['kernel'].sharding.device_set) == len(devices)
+  results.append((jax.tree.map(np.asarray, state.variables()),
+                  float(metrics.compute()['loss'])))
+(a, loss_a), (b, loss_b) = results
+assert abs(loss_a - loss_b) < 1e-4, (loss_a, loss_b)
+for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+print('SHARDED_OK', loss_a, loss_b)
+'''
+
+
+def test_sharded_step_equals_single_device_step():
+  """3 steps (augmentation + both dropouts) on 8 CPU devices vs 1 device."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT, REPO],
+                       capture_output=True, text=True, env=env, timeout=300,
+                       check=False)
+  assert out.returncode == 0 and 'SHARDED_OK' in out.stdout, (
+      out.stdout[-3000:] + out.stderr[-3000:])
+
+
+# ---------------------------------------------------------------------------
+# End to end.
+
+
+def test_stage1_then_stage2(data_dir, tmp_path):
+  w1, w2 = str(tmp_path / 'w1'), str(tmp_path / 'w2')
+  summary = train.train_and_evaluate(tiny_config(data_dir), w1)
+  assert summary['epochs_run'] == 2
+  assert len(summary['history']) == 2
+  assert summary['history'][-1]['step'] == 12
+  assert set(summary['final_evaluation']) == {'validation', 'test'}
+  assert summary['final_evaluation']['test']['count'] == 40
+  assert glob.glob(os.path.join(w1, 'events.out.tfevents.*'))
+  assert os.listdir(os.path.join(w1, 'checkpoints'))
+  assert os.listdir(os.path.join(w1, 'best'))
+  with open(os.path.join(w1, train.RESULTS_FILE)) as f:
+    assert json.load(f)['best_epoch'] == summary['best_epoch']
+  assert checkpointing.read_config(w1).model == 'tiny'
+  # The best model is what the early-stopping rule chose.
+  accs = [h['val_accuracy'] for h in summary['history']]
+  best_epoch, _ = keras_early_stopping(accs, 5, 1e-3)
+  assert summary['best_epoch'] == best_epoch + 1
+  best, meta = checkpointing.restore_best(w1)
+  assert meta['val_accuracy'] == pytest.approx(accs[best_epoch])
+  assert summary['final_evaluation']['validation']['accuracy'] == (
+      pytest.approx(accs[best_epoch]))
+
+  # Stage 2 starts from exactly stage 1's best params and batch stats.
+  config2 = tiny_config(data_dir, 'stage2.py', init_from=w1, num_epochs=1)
+  assert config2.augment is False and config2.dropout_rate == 0.3
+  mesh = sharding.make_mesh()
+  state = train.init_state(config2, models.create_model(config2), mesh)
+  _assert_trees_equal(state.variables(), best)
+  assert int(state.step) == 0
+  assert int(state.opt_state.count) == 0
+  summary2 = train.train_and_evaluate(config2, w2)
+  assert summary2['init_from'] == w1
+  assert summary2['history'][0]['step'] == 6
+
+
+def _interrupt_after(monkeypatch, epoch_to_stop, batches):
+  """Makes train_iterator raise KeyboardInterrupt mid-epoch (a kill)."""
+  original = input_pipeline.train_iterator
+
+  def iterator(config, builder, mesh, epoch, start_step=0):
+    for i, batch in enumerate(original(config, builder, mesh, epoch,
+                                       start_step)):
+      if epoch == epoch_to_stop and i == batches:
+        raise KeyboardInterrupt('simulated kill')
+      yield batch
+  monkeypatch.setattr(input_pipeline, 'train_iterator', iterator)
+
+
+def test_killed_run_resumes_at_the_right_step(data_dir, tmp_path,
+                                              monkeypatch):
+  config = tiny_config(data_dir, checkpoint_every_steps=4)
+  full = str(tmp_path / 'full')
+  train.train_and_evaluate(config, full)
+  killed = str(tmp_path / 'killed')
+  _interrupt_after(monkeypatch, epoch_to_stop=1, batches=5)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, killed)
+  ckpt = checkpointing.Checkpointer(killed)
+  assert ckpt.latest_step() == 8          # Mid-epoch 2: 6 + 2 batches.
+  ckpt.close()
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(config, killed)
+  assert [h['step'] for h in resumed['history']] == [6, 12]
+  ckpt = checkpointing.Checkpointer(killed)
+  assert ckpt.latest_step() == 12
+  ckpt.close()
+  # Same data order and randomness: the resumed run ends where the full run
+  # ends.
+  mesh = sharding.make_mesh()
+  model = models.create_model(config)
+  states = []
+  for workdir in (full, killed):
+    ckpt = checkpointing.Checkpointer(workdir)
+    states.append(ckpt.restore_latest(train.abstract_state(config, model,
+                                                           mesh))[0])
+    ckpt.close()
+  for x, y in zip(_params(states[0].params), _params(states[1].params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path,
+                                                  monkeypatch):
+  workdir = str(tmp_path / 'w')
+  train.train_and_evaluate(tiny_config(data_dir, num_epochs=1), workdir)
+  original = train.per_example_metrics
+  monkeypatch.setattr(train, 'per_example_metrics', lambda logits, labels: (
+      original(logits, labels)[0] * np.nan, original(logits, labels)[1]))
+  with pytest.raises(train.TrainingError, match='Non-finite.*step 8.*intact'):
+    train.train_and_evaluate(tiny_config(data_dir, checkpoint_every_steps=2),
+                             workdir)
+  ckpt = checkpointing.Checkpointer(workdir)
+  assert ckpt.latest_step() == 6
+  ckpt.close()
+
+
+def test_script_missing_dataset_is_a_clear_error(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
+       '--config=' + os.path.join(REPO, 'configs', 'stage1.py'),
+       f'--workdir={tmp_path / "w"}', f'--config.data_dir={tmp_path / "no"}'],
+      capture_output=True, text=True, timeout=300, check=False,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode != 0
+  assert 'prepare_data.py' in out.stderr
+  assert 'Traceback' not in out.stderr
