@@ -201,10 +201,11 @@ def _write_shard(task: _ShardTask, report=None):
         if os.path.getsize(path) == 0:
           raise ValueError('empty file (0 bytes)')
         image = image_io.load_image(path, task.image_size)
-        writer.write(_example(dataset.serialize_image(image), label))
-        counts[label] += 1
       except Exception as e:  # pylint: disable=broad-except
         skipped.append((path, image_io.error_reason(e)))
+      else:   # Write errors (disk full...) abort the run instead.
+        writer.write(_example(dataset.serialize_image(image), label))
+        counts[label] += 1
       if report and (i % _PROGRESS_EVERY == 0 or i == len(task.items)):
         report(i % _PROGRESS_EVERY or _PROGRESS_EVERY)
   return task, counts, skipped
