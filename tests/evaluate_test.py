@@ -1,0 +1,195 @@
+"""Tests for gender_jax.evaluate: metrics, pictures, exact split coverage."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+from sklearn import metrics as skm
+
+from gender_jax import checkpointing
+from gender_jax import dataset
+from gender_jax import evaluate
+from gender_jax import sharding
+from gender_jax import synthetic
+from predict_test import IMAGE_SIZE
+from predict_test import make_workdir
+
+COUNTS = {'Train': (6, 6), 'Validation': (5, 5), 'Test': (19, 18)}
+
+
+def random_predictions(n=500, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 2, n)
+  logits = rng.normal(0, 2, n) + 1.5 * (2 * labels - 1)
+  logits[:20] = np.round(logits[:20])          # Some tied scores.
+  return labels, logits
+
+
+def numpy_ece(labels, p, num_bins):
+  """ECE written out independently: loop over examples."""
+  sums = np.zeros((num_bins, 3))                    # count, correct, conf.
+  for y, q in zip(labels, p):
+    pred = int(q >= 0.5)
+    conf = q if pred else 1 - q
+    b = min(int((conf - 0.5) / (0.5 / num_bins)), num_bins - 1)
+    sums[b] += (1, pred == y, conf)
+  full = sums[:, 0] > 0
+  acc = sums[full, 1] / sums[full, 0]
+  conf = sums[full, 2] / sums[full, 0]
+  return float((sums[full, 0] / len(labels) * np.abs(acc - conf)).sum())
+
+
+def test_report_equals_sklearn_and_numpy():
+  labels, logits = random_predictions()
+  r = evaluate.classification_report(labels, logits)
+  p = 1 / (1 + np.exp(-logits))
+  pred = (p >= 0.5).astype(int)
+  assert r['num_examples'] == 500
+  assert r['accuracy'] == pytest.approx(skm.accuracy_score(labels, pred))
+  prec, rec, f1, sup = skm.precision_recall_fscore_support(labels, pred)
+  for c, name in enumerate(('female', 'male')):
+    assert r['per_class'][name]['precision'] == pytest.approx(prec[c])
+    assert r['per_class'][name]['recall'] == pytest.approx(rec[c])
+    assert r['per_class'][name]['f1'] == pytest.approx(f1[c])
+    assert r['per_class'][name]['support'] == sup[c]
+  assert r['macro_f1'] == pytest.approx(skm.f1_score(labels, pred,
+                                                     average='macro'))
+  assert r['weighted_f1'] == pytest.approx(skm.f1_score(labels, pred,
+                                                        average='weighted'))
+  assert r['confusion_matrix'] == skm.confusion_matrix(labels, pred).tolist()
+  assert r['roc_auc'] == pytest.approx(skm.roc_auc_score(labels, logits))
+  assert r['log_loss'] == pytest.approx(skm.log_loss(labels, p), rel=1e-9)
+  assert r['ece'] == pytest.approx(numpy_ece(labels, p, evaluate.NUM_BINS))
+  assert sum(b['count'] for b in r['calibration_bins']) == 500
+  table = evaluate.format_report(r)
+  assert 'macro avg' in table and f"{r['accuracy']:.4f}" in table
+
+
+def test_report_edge_cases():
+  # One class only: AUC undefined; a class never predicted has precision 0.
+  r = evaluate.classification_report(np.ones(4, int), np.array([3., 2, 1, -1]))
+  assert r['roc_auc'] is None
+  assert r['per_class']['female']['precision'] == 0.0
+  assert r['accuracy'] == 0.75
+  # Extreme logits: log loss stays finite and exact.
+  r = evaluate.classification_report(np.array([0, 1]), np.array([800., -800.]))
+  assert r['log_loss'] == pytest.approx(800.0)
+  with pytest.raises(ValueError):
+    evaluate.classification_report(np.ones(3), np.ones(2))
+
+
+def test_pictures_are_valid_pngs_and_paged(tmp_path):
+  labels, logits = random_predictions(200)
+  r = evaluate.classification_report(labels, logits)
+  evaluate.plot_confusion_matrix(r['confusion_matrix'],
+                                 str(tmp_path / 'cm.png'))
+  evaluate.plot_reliability_diagram(r['calibration_bins'], r['ece'],
+                                    str(tmp_path / 'rel.png'))
+  rng = np.random.default_rng(0)
+  faces = rng.integers(0, 255, (65, *IMAGE_SIZE, 3), np.uint8)
+  pages = evaluate.plot_wrong_predictions(faces, np.ones(65, int),
+                                          np.linspace(0, .4, 65),
+                                          str(tmp_path), per_page=30)
+  assert [os.path.basename(p) for p in pages] == [
+      'wrong_predictions.png', 'wrong_predictions_2.png',
+      'wrong_predictions_3.png']
+  for path in [tmp_path / 'cm.png', tmp_path / 'rel.png', *pages]:
+    with Image.open(path) as im:
+      im.verify()
+    with Image.open(path) as im:
+      assert im.format == 'PNG' and min(im.size) > 100
+  none = evaluate.plot_wrong_predictions([], [], [], str(tmp_path / 'x')
+                                         if os.makedirs(tmp_path / 'x') is None
+                                         else '')
+  assert len(none) == 1 and os.path.exists(none[0])
+
+
+def test_worst_errors_keeps_largest_first():
+  worst = evaluate._WorstErrors(3)
+  for i, (y, p) in enumerate([(1, .4), (0, .9), (1, .05), (0, .6), (1, .01)]):
+    worst.add(i, np.full((2, 2, 3), i, np.uint8), y, p)
+  images, labels, p = worst.sorted()
+  assert worst.count == 5
+  assert [int(im[0, 0, 0]) for im in images] == [4, 2, 1]
+  np.testing.assert_allclose(p, [.01, .05, .9])
+
+
+@pytest.fixture(scope='module')
+def data_and_workdir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  synthetic.make_tfds_dataset(data_dir, image_size=IMAGE_SIZE, counts=COUNTS)
+  workdir = make_workdir(tmp_path_factory.mktemp('w'))
+  return data_dir, workdir
+
+
+def test_every_example_counted_once(data_and_workdir):
+  data_dir, workdir = data_and_workdir
+  config = checkpointing.read_config(workdir)
+  config.data_dir = data_dir
+  config.eval_batch_size = 16                      # 37 test examples: padded.
+  config.eval_steps = None
+  mesh = sharding.make_mesh()
+  _, model, variables, _ = checkpointing.load_model(workdir)
+  builder = dataset.load_builder(data_dir)
+  labels, logits, _ = evaluate.predict_split(config, builder, mesh, model,
+                                             variables, 'test')
+  examples = list(tfds.as_numpy(builder.as_dataset(split='test')))
+  images = np.stack([e['images'] for e in examples])
+  want_logits = np.asarray(model.apply(variables, images, train=False))
+  want_labels = np.asarray([e['label'] for e in examples])
+  assert len(labels) == len(examples) == 37
+  # Same multiset of (label, logit) pairs as one pass over the split.
+  got = sorted(zip(labels.tolist(), np.round(logits, 4).tolist()))
+  want = sorted(zip(want_labels.tolist(), np.round(want_logits, 4).tolist()))
+  assert got == want
+
+
+def test_evaluate_writes_report_pictures_and_tensorboard(data_and_workdir):
+  data_dir, workdir = data_and_workdir
+  report = evaluate.evaluate(workdir, data_dir, 'test', batch_size=16,
+                             max_wrong=7)
+  out = os.path.join(workdir, 'eval_test')
+  assert report['output_dir'] == out
+  with open(os.path.join(out, 'report.json')) as f:
+    saved = json.load(f)
+  assert saved['num_examples'] == 37 and saved['split'] == 'test'
+  assert saved['accuracy'] == report['accuracy'] >= 0.8
+  assert sum(map(sum, saved['confusion_matrix'])) == 37
+  for name in ('confusion_matrix.png', 'reliability_diagram.png',
+               'wrong_predictions.png'):
+    with Image.open(os.path.join(out, name)) as im:
+      im.verify()
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(out))
+  # Another split, its own folder.
+  val = evaluate.evaluate(workdir, data_dir, 'validation')
+  assert val['num_examples'] == 10
+  assert os.path.exists(os.path.join(workdir, 'eval_validation',
+                                     'report.json'))
+
+
+def test_latest_checkpoint_and_split_slices(data_and_workdir, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from gender_jax import models, train  # pylint: disable=g-import-not-at-top
+  from predict_test import trained_variables  # pylint: disable=g-import-not-at-top
+  data_dir, best_workdir = data_and_workdir
+  workdir = make_workdir(tmp_path)
+  config = checkpointing.read_config(workdir)
+  state = train.create_train_state(config, models.create_model(config),
+                                   jax.random.key(0))
+  variables = trained_variables()
+  state = state.replace(params=variables['params'],
+                        batch_stats=variables['batch_stats'], step=5)
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.save_latest(5, state, {'epoch': 0})
+  ckpt.close()
+  latest = evaluate.evaluate(workdir, data_dir, 'test', checkpoint='latest')
+  best = evaluate.evaluate(best_workdir, data_dir, 'test')
+  assert latest['step'] == 5
+  assert latest['log_loss'] == pytest.approx(best['log_loss'], rel=1e-5)
+  half = evaluate.evaluate(workdir, data_dir, 'test[:50%]')
+  assert half['output_dir'].endswith('eval_test_50pct')
+  want = dataset.load_builder(data_dir).info.splits['test[:50%]'].num_examples
+  assert half['num_examples'] == want and 15 < want < 22
