@@ -249,6 +249,7 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
       'model': config.model,
       'image_size': list(config.image_size),
       'columns': list(header),
+      'checkpoint_step': predictor.meta.get('step'),
   }
   os.makedirs(os.path.dirname(os.path.abspath(output_csv)), exist_ok=True)
   _check_args(outputs['args'], args, output_csv)

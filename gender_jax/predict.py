@@ -149,13 +149,16 @@ class Predictor:
         sharding_lib.replicated(self.mesh))
     self._fn = make_predict_fn(model, mc_samples, seed, self.mesh)
     self._data = sharding_lib.data_sharding(self.mesh)
+    self.meta = {}      # The checkpoint's meta (step, epoch...) if known.
 
   @classmethod
   def from_workdir(cls, workdir: str, **kwargs) -> 'Predictor':
     """Loads a workdir's best model (see `checkpointing.load_model`)."""
     from gender_jax import checkpointing  # pylint: disable=g-import-not-at-top
-    config, model, variables, _ = checkpointing.load_model(workdir)
-    return cls(model, variables, config.image_size, **kwargs)
+    config, model, variables, meta = checkpointing.load_model(workdir)
+    predictor = cls(model, variables, config.image_size, **kwargs)
+    predictor.meta = meta
+    return predictor
 
   @property
   def output_keys(self):

@@ -209,3 +209,31 @@ def test_arguments_sidecar_and_any_image_size(workdir, tmp_path):
   assert 'num_with_given_label' not in summary
   args = json.loads((tmp_path / 'l.csv.args.json').read_text())
   assert args['mc_samples'] == 1 and args['image_size'] == [24, 20]
+
+
+def test_interrupted_run_resumes_without_gaps(workdir, images, tmp_path,
+                                              monkeypatch):
+  """A run stopped after 2 batches (KeyboardInterrupt) finishes on rerun."""
+  images_dir, _ = images
+  full = tmp_path / 'full.csv'
+  run(workdir, images_dir, full, mc_samples=3)
+  out = tmp_path / 'l.csv'
+  from gender_jax import predict  # pylint: disable=g-import-not-at-top
+  real = predict.Predictor.dispatch
+  calls = []
+
+  def flaky(self, *args):
+    calls.append(1)
+    if len(calls) == 4:        # Warm-up call + 2 batches, then "killed".
+      raise KeyboardInterrupt
+    return real(self, *args)
+
+  monkeypatch.setattr(predict.Predictor, 'dispatch', flaky)
+  with pytest.raises(KeyboardInterrupt):
+    run(workdir, images_dir, out, mc_samples=3)
+  monkeypatch.setattr(predict.Predictor, 'dispatch', real)
+  partial = read_csv(out)
+  assert 0 < len(partial) < len(image_io.list_images(images_dir))
+  summary = run(workdir, images_dir, out, mc_samples=3)
+  assert summary['num_resumed'] == len(partial)
+  assert out.read_text() == full.read_text()
