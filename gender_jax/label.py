@@ -24,10 +24,12 @@ Given labels come from a CSV (`labels=FILE`, rows of image or folder path and
 label) or from a Male/Female folder layout.
 """
 
+import array
 import collections
 import concurrent.futures
 import csv
 import json
+import math
 import os
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -404,17 +406,23 @@ def given_labels(paths: Sequence[str], labels: Optional[str],
 
 
 def _load_results(output_csv: str):
-  rows = list(read_rows(output_csv))
-  paths = [r['path'] for r in rows]
-  ok = np.asarray([not r[ERROR_COLUMN] for r in rows], bool)
-
-  def column(name):
-    return np.asarray([float(r[name]) if r.get(name) else np.nan
-                       for r in rows], np.float64)
-
-  mc = bool(rows) and predict.MC_KEYS[0] in rows[0]
-  values = {k: column(k) for k in ('p_male',) + (predict.MC_KEYS if mc else ())}
-  return paths, ok, values
+  """(paths, ok mask, {column: float64 array}) of a labels CSV, streamed."""
+  with open(output_csv, newline='') as f:
+    reader = csv.reader(f)
+    header = next(reader, None) or list(columns(1))
+    names = [k for k in ('p_male',) + predict.MC_KEYS if k in header]
+    cols = [header.index(k) for k in names]
+    error_col = header.index(ERROR_COLUMN)
+    paths, ok = [], []
+    values = [array.array('d') for _ in names]
+    for row in reader:
+      paths.append(row[0])
+      ok.append(not row[error_col])
+      for store, c in zip(values, cols):
+        store.append(float(row[c]) if row[c] else math.nan)
+  return (paths, np.asarray(ok, bool),
+          {k: np.frombuffer(v, np.float64) if len(v) else np.zeros(0)
+           for k, v in zip(names, values)})
 
 
 def _write_csv(path: str, header: Sequence[str], rows) -> None:
@@ -468,16 +476,15 @@ def summarize(output_csv: str, images_dir: Optional[str] = None, *,
     scores = mislabel_scores(p[idx], given_arr[idx])
     bald = values['mc_mutual_info'][idx] if mc else np.zeros(len(idx))
     order = idx[np.lexsort((-bald, -scores))]
-    score_of = dict(zip(idx.tolist(), scores.tolist()))
+    score_of = np.full(len(paths), np.nan)
+    score_of[idx] = scores
     mc_cols = list(predict.MC_KEYS) if mc else []
     header = (['rank', 'path', 'given', 'predicted', 'score', 'p_male']
               + mc_cols)
-    rows = []
-    for rank, i in enumerate(order, start=1):
-      rows.append([rank, paths[i], CLASS_NAMES[given_arr[i]],
-                   CLASS_NAMES[predicted[i]], _fmt(score_of[i]),
-                   _fmt(values['p_male'][i])]
-                  + [_fmt(values[k][i]) for k in mc_cols])
+    rows = ([rank, paths[i], CLASS_NAMES[given_arr[i]],
+             CLASS_NAMES[predicted[i]], _fmt(score_of[i]),
+             _fmt(values['p_male'][i])] + [_fmt(values[k][i]) for k in mc_cols]
+            for rank, i in enumerate(order, start=1))
     _write_csv(outputs['mislabels'], header, rows)
     summary['mislabels_csv'] = outputs['mislabels']
     summary['num_disagree_given'] = int(
