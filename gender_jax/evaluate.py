@@ -246,33 +246,41 @@ def wrong_page_paths(directory: str, num_pages: int) -> List[str]:
           for k in range(1, max(num_pages, 1) + 1)]
 
 
+def plot_image_grid(images, titles: Sequence[str], path: str, title: str,
+                    cols: int = 6) -> None:
+  """One PNG of `images` (uint8 HxWx3) in a grid, each with its title."""
+  rows = max(1, math.ceil(len(images) / cols))
+  fig = _figure(cols * 1.7, rows * 2.1 + 0.5)
+  if not len(images):
+    fig.text(0.5, 0.5, 'Nothing to show.', ha='center')
+  for k, (image, text) in enumerate(zip(images, titles)):
+    ax = fig.add_subplot(rows, cols, k + 1)
+    ax.imshow(image)
+    ax.set_title(text, fontsize=8)
+    ax.axis('off')
+  fig.suptitle(title, fontsize=10)
+  fig.savefig(path)
+
+
 def plot_wrong_predictions(images, labels, p_male, directory: str,
                            num_wrong_total: Optional[int] = None,
                            per_page: int = WRONG_PER_PAGE) -> List[str]:
   """Grids of misclassified faces (already sorted), `per_page` per PNG.
 
-  Each face is titled with its true label and p(male). Returns the PNG
+  Each face is titled with its rank, true label and p(male). Returns the PNG
   paths; with no faces, one PNG that says so.
   """
   n = len(images)
   total = n if num_wrong_total is None else num_wrong_total
-  cols = 6
   paths = wrong_page_paths(directory, math.ceil(n / per_page))
   for page, path in enumerate(paths):
     chunk = range(page * per_page, min(n, (page + 1) * per_page))
-    rows = max(1, math.ceil(len(chunk) / cols))
-    fig = _figure(cols * 1.7, rows * 2.1 + 0.5)
-    if not len(chunk):
-      fig.text(0.5, 0.5, 'No misclassified examples.', ha='center')
-    for k, i in enumerate(chunk):
-      ax = fig.add_subplot(rows, cols, k + 1)
-      ax.imshow(images[i])
-      ax.set_title(f'#{i + 1} true {CLASS_NAMES[int(labels[i])]}\n'
-                   f'p(male)={p_male[i]:.3f}', fontsize=8)
-      ax.axis('off')
-    fig.suptitle(f'Misclassified, largest error first: page {page + 1}/'
-                 f'{len(paths)}, showing {n} of {total}', fontsize=10)
-    fig.savefig(path)
+    plot_image_grid(
+        [images[i] for i in chunk],
+        [f'#{i + 1} true {CLASS_NAMES[int(labels[i])]}\n'
+         f'p(male)={p_male[i]:.3f}' for i in chunk], path,
+        f'Misclassified, largest error first: page {page + 1}/{len(paths)}, '
+        f'showing {n} of {total}')
   return paths
 
 

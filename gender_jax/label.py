@@ -46,6 +46,7 @@ CLASS_NAMES = ('female', 'male')   # Label 1 = male, as in training.
 BASE_COLUMNS = ('path', 'p_male', 'predicted')
 ERROR_COLUMN = 'error'
 FOLDER_LABELS = 'folders'          # labels= value: take labels from folders.
+DISPLAY_SIZE = (120, 100)          # (H, W) of faces in the mislabels PNG.
 _LABEL_VALUES = {'0': 0, '1': 1, 'female': 0, 'male': 1, 'f': 0, 'm': 1,
                  'woman': 0, 'man': 1}
 _PATH_COLUMNS = ('path', 'file', 'filename', 'image', 'folder', 'directory',
@@ -67,6 +68,7 @@ def output_paths(output_csv: str) -> Dict[str, str]:
       'per_directory': stem + '_per_directory.csv',
       'flagged': stem + '_flagged.csv',
       'mislabels': stem + '_mislabels.csv',
+      'mislabels_png': stem + '_mislabels.png',
   }
 
 
@@ -444,13 +446,14 @@ def mislabel_scores(p_male: np.ndarray, given: np.ndarray) -> np.ndarray:
 
 def summarize(output_csv: str, images_dir: Optional[str] = None, *,
               labels: Optional[str] = None,
-              per_directory: bool = False) -> dict:
+              per_directory: bool = False, top_images: int = 30) -> dict:
   """Writes the per-folder, flagged and mislabel CSVs of a labels CSV.
 
   Mislabel ranking: labelled, readable images sorted by score = 1 - p(given
   label), with p the MC-Dropout mean when present (it already averages over
   the model's uncertainty) else p_male; ties broken by higher mutual
-  information (BALD). Returns counts and the written paths.
+  information (BALD). With `images_dir`, the `top_images` best candidates
+  are drawn into <stem>_mislabels.png. Returns counts and the written paths.
   """
   outputs = output_paths(output_csv)
   paths, ok, values = _load_results(output_csv)
@@ -487,9 +490,26 @@ def summarize(output_csv: str, images_dir: Optional[str] = None, *,
             for rank, i in enumerate(order, start=1))
     _write_csv(outputs['mislabels'], header, rows)
     summary['mislabels_csv'] = outputs['mislabels']
+    if images_dir and top_images:
+      top = order[:top_images]
+      _plot_candidates(
+          [os.path.join(images_dir, paths[i]) for i in top],
+          [f'#{r} given {CLASS_NAMES[given_arr[i]]}\np(male)={p[i]:.3f}'
+           for r, i in enumerate(top, start=1)], outputs['mislabels_png'],
+          'Most likely mislabeled: given label, p(male)'
+          + (' (MC-Dropout mean)' if mc else ''))
+      summary['mislabels_png'] = outputs['mislabels_png']
     summary['num_disagree_given'] = int(
         (predicted[has] != given_arr[has]).sum())
   return summary
+
+
+def _plot_candidates(paths: Sequence[str], titles: Sequence[str],
+                     png: str, title: str) -> None:
+  """A grid of the top mislabel candidates, to look at them."""
+  from gender_jax import evaluate  # pylint: disable=g-import-not-at-top
+  images, _ = image_io.load_images(paths, DISPLAY_SIZE)
+  evaluate.plot_image_grid(images, titles, png, title)
 
 
 def _write_per_directory(outputs, paths, ok, values, predicted, given_arr):

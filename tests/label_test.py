@@ -172,6 +172,8 @@ def test_flipped_labels_rank_at_the_top(workdir, images, tmp_path):
   top = {r['path'] for r in ranked[:len(flipped)]}
   assert len(top & flipped) >= 4
   assert {r['path'] for r in ranked[:8]} >= flipped
+  with Image.open(summary['mislabels_png']) as im:
+    im.verify()
   scores = [float(r['score']) for r in ranked]
   assert scores == sorted(scores, reverse=True)
   flagged = {r['path']: r['reasons'] for r in read_csv(summary['flagged_csv'])}
