@@ -226,7 +226,8 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
       None (folders if every image is under a Male or Female folder).
     per_directory: also write per-folder summaries and flagged images.
     progress: show a progress bar with images/s.
-    predictor: a ready `Predictor` (else built from `workdir`).
+    predictor: a ready `Predictor` (else built from `workdir`); its
+      mc_samples, batch_size and seed then replace the arguments.
 
   Returns:
     A summary: counts, timings (seconds, images_per_second of the images
@@ -240,6 +241,8 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
   if predictor is None:
     predictor = predict.Predictor.from_workdir(
         workdir, mc_samples=mc_samples, batch_size=batch_size, seed=seed)
+  mc_samples, batch_size, seed = (predictor.mc_samples, predictor.batch_size,
+                                  predictor.seed)
   if num_workers is None:
     num_workers = min(8, os.cpu_count() or 1)
   header = columns(mc_samples)
@@ -273,7 +276,7 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
   keys = predictor.output_keys[1:]    # p_male and MC statistics.
   num_errors = 0
   start = time.perf_counter()
-  new_file = not done
+  new_file = not os.path.exists(output_csv) or not os.path.getsize(output_csv)
   with open(output_csv, 'a', newline='') as f, tqdm.tqdm(
       total=len(files), initial=len(files) - len(todo), unit='img',
       disable=not progress, smoothing=0.1) as bar:

@@ -96,6 +96,10 @@ def test_resumed_run_equals_uninterrupted(workdir, images, tmp_path):
   summary = run(workdir, images_dir, part, mc_samples=5)
   assert summary['num_resumed'] == 13
   assert part.read_text() == text
+  # Killed right after the header: no second header.
+  part.write_text(lines[0])
+  run(workdir, images_dir, part, mc_samples=5)
+  assert part.read_text() == text
   # Rerunning a finished output adds nothing.
   assert run(workdir, images_dir, part, mc_samples=5)['num_labelled_now'] == 0
   assert part.read_text() == text
