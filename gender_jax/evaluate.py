@@ -327,8 +327,11 @@ def predict_split(config, builder, mesh, model, variables, split: str,
   labels, logits = [], []
   worst = _WorstErrors(max_wrong)
   seen = 0
+  ids = None                  # Unused without MC (global zeros, made once).
   for batch in input_pipeline.eval_iterator(config, builder, mesh, split):
-    ids = jax.numpy.zeros(batch['label'].shape, jax.numpy.uint32)
+    if ids is None:
+      ids = jax.numpy.zeros(batch['label'].shape, jax.numpy.uint32,
+                            device=sharding_lib.data_sharding(mesh))
     out = fn(variables, batch['image'], ids)
     mask = _to_host(batch['mask'])
     y = _to_host(batch['label'])[mask]

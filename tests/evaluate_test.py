@@ -193,3 +193,26 @@ def test_latest_checkpoint_and_split_slices(data_and_workdir, tmp_path):
   assert half['output_dir'].endswith('eval_test_50pct')
   want = dataset.load_builder(data_dir).info.splits['test[:50%]'].num_examples
   assert half['num_examples'] == want and 15 < want < 22
+
+
+def test_same_report_on_four_devices(data_and_workdir, tmp_path):
+  """Sharded over 4 (host-platform) devices: the same numbers as on one."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  data_dir, workdir = data_and_workdir
+  one = evaluate.evaluate(workdir, data_dir, 'test', batch_size=16,
+                          output_dir=str(tmp_path / 'one'))
+  code = (
+      'import jax, json\n'
+      'from gender_jax import evaluate\n'
+      'assert jax.device_count() == 4\n'
+      f'r = evaluate.evaluate({workdir!r}, {data_dir!r}, "test", '
+      f'batch_size=16, output_dir={str(tmp_path / "four")!r})\n'
+      'print(json.dumps(r["confusion_matrix"]), r["log_loss"])\n')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', code], env=env, check=True,
+                       capture_output=True, text=True).stdout.split('\n')[-2]
+  cm, loss = out.rsplit(' ', 1)
+  assert json.loads(cm) == one['confusion_matrix']
+  assert float(loss) == pytest.approx(one['log_loss'], rel=1e-5)
