@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -197,8 +199,6 @@ def test_latest_checkpoint_and_split_slices(data_and_workdir, tmp_path):
 
 def test_same_report_on_four_devices(data_and_workdir, tmp_path):
   """Sharded over 4 (host-platform) devices: the same numbers as on one."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   data_dir, workdir = data_and_workdir
   one = evaluate.evaluate(workdir, data_dir, 'test', batch_size=16,
                           output_dir=str(tmp_path / 'one'))

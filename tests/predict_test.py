@@ -1,7 +1,10 @@
 """Tests for gender_jax.predict (and the tiny trained workdir other tests use)."""
 
 import functools
+import io
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +159,27 @@ def test_bad_arguments():
   model = models.create_model(tiny_config())
   with pytest.raises(ValueError, match='mc_samples'):
     predict.make_predict_fn(model, mc_samples=0)
+
+
+def test_four_devices_match_one(workdir):
+  """Batches split over 4 host-platform devices: the same predictions."""
+  images, _ = synthetic_batch(10, seed=6)
+  one = predict.Predictor.from_workdir(workdir, mc_samples=4,
+                                       batch_size=8).predict(images)
+  code = (
+      'import jax, sys, numpy as np\n'
+      'sys.path.insert(0, %r)\n'
+      'from predict_test import synthetic_batch\n'
+      'from gender_jax import predict\n'
+      'assert jax.local_device_count() == 4\n'
+      'p = predict.Predictor.from_workdir(%r, mc_samples=4, batch_size=8)\n'
+      'out = p.predict(synthetic_batch(10, seed=6)[0])\n'
+      'np.save(sys.stdout.buffer, np.stack([out[k] for k in sorted(out)]))\n'
+  ) % (os.path.dirname(__file__), workdir)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  raw = subprocess.run([sys.executable, '-c', code], env=env, check=True,
+                       capture_output=True).stdout
+  four = np.load(io.BytesIO(raw))
+  np.testing.assert_allclose(four, np.stack([one[k] for k in sorted(one)]),
+                             rtol=1e-5, atol=1e-6)
