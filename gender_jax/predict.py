@@ -76,22 +76,25 @@ def predict_batch(model, variables, images, ids, *, mc_samples: int = 1,
     {'logit', 'p_male'} (deterministic: dropout off) and, for mc_samples > 1,
     the `MC_KEYS`, each (N,) float32.
   """
-  logits = model.apply(variables, images, train=False)
-  out = {'logit': logits, 'p_male': jax.nn.sigmoid(logits)}
-  if mc_samples > 1:
-    base = jax.random.key(seed)
+  if mc_samples == 1:
+    logits = model.apply(variables, images, train=False)
+    return {'logit': logits, 'p_male': jax.nn.sigmoid(logits)}
+  base = jax.random.key(seed)
 
-    def one_sample(image, key):
-      return model.apply(variables, image[None], train=False, mc_dropout=True,
-                         rngs={'dropout': key})[0]
+  def one_sample(image, key):
+    return model.apply(variables, image[None], train=False, mc_dropout=True,
+                       rngs={'dropout': key})[0]
 
-    def one_image(image, image_id):
-      keys = jax.random.split(jax.random.fold_in(base, image_id), mc_samples)
-      return jax.vmap(one_sample, in_axes=(None, 0))(image, keys)
+  def one_image(image, image_id):
+    # The deterministic pass is traced like the samples so that XLA sees
+    # the same convolutions and computes the trunk once for both.
+    logit = model.apply(variables, image[None], train=False)[0]
+    keys = jax.random.split(jax.random.fold_in(base, image_id), mc_samples)
+    return logit, jax.vmap(one_sample, in_axes=(None, 0))(image, keys)
 
-    samples = jax.vmap(one_image)(images, ids)           # (N, S)
-    out.update(mc_statistics(samples.T))
-  return out
+  logits, samples = jax.vmap(one_image)(images, ids)     # (N,), (N, S)
+  return {'logit': logits, 'p_male': jax.nn.sigmoid(logits),
+          **mc_statistics(samples.T)}
 
 
 def local_mesh() -> Mesh:

@@ -183,3 +183,18 @@ def test_four_devices_match_one(workdir):
   four = np.load(io.BytesIO(raw))
   np.testing.assert_allclose(four, np.stack([one[k] for k in sorted(one)]),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_mc_samples_share_one_convolutional_trunk():
+  """16 MC samples cost far less than 16 passes: the trunk runs once."""
+  model = models.create_model(tiny_config())
+  variables = models.init_variables(model, jax.random.key(0), IMAGE_SIZE)
+  x = np.zeros((8, *IMAGE_SIZE, 3), np.uint8)
+  ids = np.zeros(8, np.uint32)
+
+  def flops(mc_samples):
+    fn = predict.make_predict_fn(model, mc_samples)
+    cost = fn.lower(variables, x, ids).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+  assert flops(16) < 1.5 * flops(1)
