@@ -48,7 +48,9 @@ def stored_image_size(builder: tfds.core.DatasetBuilder) -> tuple:
 def train_steps_per_epoch(config, builder) -> int:
   """Full local batches per epoch: per-process examples * repeat // batch."""
   local = sharding.local_batch_size(config.batch_size)
-  per_process = num_examples(builder, config.train_split) // jax.process_count()
+  num_examples(builder, config.train_split)   # Checks the split exists.
+  per_process = builder.info.splits[tfds.split_for_jax_process(
+      config.train_split, drop_remainder=True)].num_examples
   steps = per_process * config.repeat // local
   if config.steps_per_epoch:
     steps = min(steps, config.steps_per_epoch)
@@ -63,7 +65,11 @@ def train_steps_per_epoch(config, builder) -> int:
 def eval_steps(config, builder, split: str) -> int:
   """Batches `eval_iterator` yields (the same on every process)."""
   local = sharding.local_batch_size(config.eval_batch_size)
-  per_process = math.ceil(num_examples(builder, split) / jax.process_count())
+  num_examples(builder, split)   # Checks the split exists.
+  count = jax.process_count()
+  per_process = max(builder.info.splits[tfds.split_for_jax_process(
+      split, process_index=i, process_count=count)].num_examples
+                    for i in range(count))
   steps = math.ceil(per_process / local)
   if config.eval_steps:
     steps = min(steps, config.eval_steps)
@@ -139,16 +145,18 @@ def eval_dataset(config, builder, split: str):
   """The local tf.data.Dataset behind `eval_iterator` (numpy batches)."""
   local = sharding.local_batch_size(config.eval_batch_size)
   steps = eval_steps(config, builder, split)
-  ds = _read(builder, tfds.split_for_jax_process(split), False, config.seed)
-  ds = ds.map(_preprocess_fn(config, builder),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(True)})
   height, width = config.image_size
-  padding = tf.data.Dataset.from_tensors({
+  ds = tf.data.Dataset.from_tensors({
       'image': tf.zeros((height, width, 3), tf.uint8),
       'label': tf.constant(0, tf.int32),
-      'mask': tf.constant(False)}).repeat()
-  ds = ds.concatenate(padding).take(steps * local).batch(local)
+      'mask': tf.constant(False)}).repeat()   # Padding.
+  process_split = tfds.split_for_jax_process(split)
+  if builder.info.splits[process_split].num_examples:  # Else: padding only.
+    examples = _read(builder, process_split, False, config.seed).map(
+        _preprocess_fn(config, builder), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = examples.map(lambda ex: {**ex, 'mask': tf.constant(True)}).concatenate(
+        ds)
+  ds = ds.take(steps * local).batch(local)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 

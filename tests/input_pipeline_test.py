@@ -161,3 +161,43 @@ def test_batches_sharded_over_eight_devices(data_dir):
                        text=True, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.split()[-3:] == ['ok', '2', '17']
+
+
+@pytest.mark.parametrize('n,batch', [(17, 6), (40, 3), (2, 3)])
+def test_eval_over_three_processes_covers_each_example_once(
+    data_dir, monkeypatch, n, batch):
+  """Each process reads its slice; together they see every example once."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, eval_batch_size=batch)
+  builder = dataset.load_builder(data_dir)
+  split = f'train[:{n}]'
+  monkeypatch.setattr(jax, 'process_count', lambda: 3)
+  seen, num_batches = [], set()
+  for index in range(3):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    batches = list(tfds.as_numpy(
+        input_pipeline.eval_dataset(config, builder, split)))
+    num_batches.add(len(batches))
+    for b in batches:
+      assert b['image'].shape[0] == batch // 3
+      seen += [img.tobytes() for img in b['image'][b['mask']]]
+  assert num_batches == {math.ceil(math.ceil(n / 3) / (batch // 3))}
+  everything = [ex['images'].tobytes() for ex in tfds.as_numpy(
+      builder.as_dataset(split))]
+  assert sorted(seen) == sorted(everything)
+
+
+def test_train_over_three_processes_disjoint_equal_steps(data_dir, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, batch_size=6, repeat=1)
+  builder = dataset.load_builder(data_dir)
+  monkeypatch.setattr(jax, 'process_count', lambda: 3)
+  assert input_pipeline.train_steps_per_epoch(config, builder) == 40 // 3 // 2
+  seen = []
+  for index in range(3):
+    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+    batches = list(tfds.as_numpy(
+        input_pipeline.train_dataset(config, builder, epoch=0)))
+    assert len(batches) == 6 and batches[0]['image'].shape[0] == 2
+    seen += [img.tobytes() for b in batches for img in b['image']]
+  assert len(set(seen)) == len(seen) == 36
