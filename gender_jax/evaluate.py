@@ -250,7 +250,8 @@ def plot_image_grid(images, titles: Sequence[str], path: str, title: str,
                     cols: int = 6) -> None:
   """One PNG of `images` (uint8 HxWx3) in a grid, each with its title."""
   rows = max(1, math.ceil(len(images) / cols))
-  fig = _figure(cols * 1.7, rows * 2.1 + 0.5)
+  lines = max([t.count('\n') + 1 for t in titles] or [1])
+  fig = _figure(cols * 1.7, rows * (1.85 + 0.13 * lines) + 0.5)
   if not len(images):
     fig.text(0.5, 0.5, 'Nothing to show.', ha='center')
   for k, (image, text) in enumerate(zip(images, titles)):

@@ -497,14 +497,20 @@ def summarize(output_csv: str, images_dir: Optional[str] = None, *,
       top = order[:top_images]
       _plot_candidates(
           [os.path.join(images_dir, paths[i]) for i in top],
-          [f'#{r} given {CLASS_NAMES[given_arr[i]]}\np(male)={p[i]:.3f}'
-           for r, i in enumerate(top, start=1)], outputs['mislabels_png'],
+          [f'#{r} given {CLASS_NAMES[given_arr[i]]}\np(male)={p[i]:.3f}\n'
+           f'{_short(paths[i])}' for r, i in enumerate(top, start=1)],
+          outputs['mislabels_png'],
           'Most likely mislabeled: given label, p(male)'
           + (' (MC-Dropout mean)' if mc else ''))
       summary['mislabels_png'] = outputs['mislabels_png']
     summary['num_disagree_given'] = int(
         (predicted[has] != given_arr[has]).sum())
   return summary
+
+
+def _short(path: str, width: int = 22) -> str:
+  """The end of a path, at most `width` characters, for picture titles."""
+  return path if len(path) <= width else '...' + path[-(width - 3):]
 
 
 def _plot_candidates(paths: Sequence[str], titles: Sequence[str],
