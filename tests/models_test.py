@@ -1,0 +1,224 @@
+"""Tests of gender_jax.models: sizes, modes, and the fast CPU paths' math."""
+
+import functools
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from gender_jax import models
+
+
+def _config(model='tiny', **kw):
+  c = ml_collections.ConfigDict(dict(
+      model=model, flatten_dropout_rate=0.3, dropout_rate=0.0,
+      compute_dtype='float32'))
+  c.update(kw)
+  return c
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_parameter_count_of_the_original():
+  model = models.create_model(_config('cnn'))
+  shapes = jax.eval_shape(
+      functools.partial(models.init_variables, model, image_size=(218, 178)),
+      jax.random.key(0))
+  assert _count(shapes) == 9_562_209
+  assert _count(shapes['batch_stats']) == 1_664
+
+
+def test_output_shape_and_dtype():
+  model = models.create_model(_config())
+  variables = models.init_variables(model, jax.random.key(0), (20, 16))
+  images = np.zeros((3, 20, 16, 3), np.uint8)
+  logits = model.apply(variables, images)
+  assert logits.shape == (3,) and logits.dtype == jnp.float32
+
+
+def test_batch_stats_change_in_train_mode_only():
+  model = models.create_model(_config())
+  variables = models.init_variables(model, jax.random.key(0), (20, 16))
+  images = np.random.default_rng(0).integers(0, 256, (4, 20, 16, 3))
+  _, eval_updates = model.apply(variables, images, train=False,
+                                mutable=['batch_stats'])
+  for a, b in zip(jax.tree.leaves(eval_updates['batch_stats']),
+                  jax.tree.leaves(variables['batch_stats'])):
+    np.testing.assert_array_equal(a, b)
+  _, train_updates = model.apply(variables, images, train=True,
+                                 rngs={'dropout': jax.random.key(1)},
+                                 mutable=['batch_stats'])
+  changed = [not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(train_updates['batch_stats']),
+      jax.tree.leaves(variables['batch_stats']))]
+  assert all(changed)
+
+
+def test_dropout_only_with_train_and_rng():
+  model = models.create_model(_config(flatten_dropout_rate=0.5,
+                                      dropout_rate=0.5))
+  variables = models.init_variables(model, jax.random.key(0), (20, 16))
+  images = np.random.default_rng(0).integers(0, 256, (4, 20, 16, 3))
+  a = model.apply(variables, images)
+  np.testing.assert_array_equal(a, model.apply(variables, images))
+  def train(seed):
+    return model.apply(variables, images, train=True,
+                       rngs={'dropout': jax.random.key(seed)},
+                       mutable=['batch_stats'])[0]
+  assert not np.allclose(train(1), train(2))
+  with pytest.raises(Exception):
+    model.apply(variables, images, train=True, mutable=['batch_stats'])
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 6, 3), (2, 7, 9, 4), (1, 5, 5, 2)])
+def test_max_pool_matches_nn_max_pool_with_gradients(shape):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  # The producer is recomputed by XLA inside the gradient's fusions: the
+  # saved-argmax VJP must still route each gradient to the window's max.
+  scale = jnp.asarray(rng.uniform(0.5, 2, shape[-1]), jnp.float32)
+  r = jnp.asarray(rng.standard_normal(
+      (shape[0], shape[1] // 2, shape[2] // 2, shape[3])), jnp.float32)
+
+  def loss(pool, x, s):
+    return jnp.sum(pool(nn.swish(x * s - 0.3)) * r)
+
+  ref = lambda x: nn.max_pool(x, (2, 2), (2, 2), 'VALID')
+  np.testing.assert_allclose(models.max_pool_2x2(x), ref(x), rtol=0, atol=0)
+  g = jax.jit(jax.grad(functools.partial(loss, models.max_pool_2x2),
+                       argnums=(0, 1)))(x, scale)
+  g_ref = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1)))(
+      x, scale)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_ties_go_to_the_first_maximum():
+  x = jnp.zeros((1, 2, 2, 1))
+  g = jax.grad(lambda x: models.max_pool_2x2(x).sum())(x)
+  g_ref = jax.grad(
+      lambda x: nn.max_pool(x, (2, 2), (2, 2), 'VALID').sum())(x)
+  np.testing.assert_array_equal(g, g_ref)
+  np.testing.assert_array_equal(g[0, :, :, 0], [[1, 0], [0, 0]])
+
+
+def test_max_pool_blocks_is_the_pool_of_the_blocked_layout():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 6, 4, 3)), jnp.float32)
+  blocks = x.reshape(2, 3, 2, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
+      2, 3, 2, 4, 3)
+  np.testing.assert_array_equal(models.max_pool_blocks(blocks),
+                                models.max_pool_2x2(x))
+  r = jnp.asarray(rng.standard_normal((2, 3, 2, 3)), jnp.float32)
+  g = jax.grad(lambda b: jnp.sum(models.max_pool_blocks(b) * r))(blocks)
+  g_ref = jax.grad(lambda b: jnp.sum(models.max_pool_2x2(
+      b.reshape(2, 3, 2, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
+          2, 6, 4, 3)) * r))(blocks)
+  np.testing.assert_array_equal(g, g_ref)
+
+
+def _lax_same(x, k):
+  return lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('x_shape,k', [((5, 9, 7, 3), 5), ((4, 6, 5, 8), 3),
+                                       ((2, 4, 4, 16), 1)])
+def test_conv2d_same_matches_lax_with_gradients(x_shape, k):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, x_shape[-1], 6)), jnp.float32)
+  r = jnp.asarray(rng.standard_normal((*x_shape[:3], 6)), jnp.float32)
+  np.testing.assert_allclose(models.conv2d_same(x, w), _lax_same(x, w),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda conv, x, w: jnp.sum(conv(x, w) * r)
+  g = jax.jit(jax.grad(functools.partial(loss, models.conv2d_same),
+                       argnums=(0, 1)))(x, w)
+  g_ref = jax.grad(functools.partial(loss, _lax_same), argnums=(0, 1))(x, w)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('k', [3, 5])
+def test_space_to_depth_conv_matches_lax_with_gradients(k):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 10, 8, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 3, 4)), jnp.float32)
+
+  def unblock(y):
+    n, h2, w2, _, f = y.shape
+    return y.reshape(n, h2, w2, 2, 2, f).transpose(0, 1, 3, 2, 4, 5).reshape(
+        n, 2 * h2, 2 * w2, f)
+
+  np.testing.assert_allclose(unblock(models.conv2d_same_s2d(x, w)),
+                             _lax_same(x, w), rtol=1e-5, atol=1e-5)
+  r = jnp.asarray(rng.standard_normal((3, 10, 8, 4)), jnp.float32)
+  g = jax.jit(jax.grad(lambda x, w: jnp.sum(
+      unblock(models.conv2d_same_s2d(x, w)) * r), argnums=(0, 1)))(x, w)
+  g_ref = jax.grad(lambda x, w: jnp.sum(_lax_same(x, w) * r),
+                   argnums=(0, 1))(x, w)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+class _PlainBlock(nn.Module):
+  """The straightforward Flax block (nn.Conv, nn.max_pool), as a reference."""
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Conv(self.features, (self.kernel_size,) * 2, padding='SAME',
+                use_bias=False)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.99,
+                     epsilon=1e-3)(x)
+    return nn.max_pool(nn.swish(x), (2, 2), (2, 2), 'VALID')
+
+
+class _PlainCNN(models.GenderCNN):
+  """GenderCNN with the plain block (same variable tree)."""
+
+  @nn.compact
+  def __call__(self, images, train=False, mc_dropout=False):
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    for i, (f, k) in enumerate(zip(self.filters, self.kernel_sizes)):
+      x = _PlainBlock(f, k, name=f'ConvBlock_{i}')(x, train)
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dropout(self.flatten_dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.hidden_units, use_bias=False)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.99,
+                     epsilon=1e-3)(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.swish(x))
+    return nn.Dense(1)(x)[:, 0]
+
+
+@pytest.mark.parametrize('image_size', [(40, 36), (26, 22)])
+def test_model_train_gradients_match_plain_flax(image_size):
+  """Whole tiny model, jitted train step gradients and batch_stats."""
+  kw = dict(filters=(4, 8, 8, 8), kernel_sizes=(5, 3, 3, 3), hidden_units=16)
+  fast, plain = models.GenderCNN(**kw), _PlainCNN(**kw)
+  variables = models.init_variables(fast, jax.random.key(0), image_size)
+  assert (jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, plain.init(jax.random.key(0), jnp.zeros((1, *image_size, 3)))))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, *image_size, 3)).astype(np.uint8)
+  labels = jnp.asarray([0., 1., 1., 0.])
+
+  def grads(model):
+    def loss(params):
+      logits, updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, images,
+          train=True, rngs={'dropout': jax.random.key(1)},
+          mutable=['batch_stats'])
+      return jnp.mean((logits - labels) ** 2), updates
+    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+
+  (g, s), (g_ref, s_ref) = grads(fast), grads(plain)
+  for a, b in zip(jax.tree.leaves((g, s)), jax.tree.leaves((g_ref, s_ref))):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
