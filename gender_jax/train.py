@@ -330,7 +330,8 @@ def update_early_stopping(config, es: Dict[str, Any], val_accuracy: float):
   if improved:
     best, wait = float(val_accuracy), 0
   stop = not improved and wait >= config.early_stopping_patience
-  return {'best_metric': _json_float(best), 'patience_count': wait}, improved, stop
+  return ({'best_metric': _json_float(best), 'patience_count': wait},
+          improved, stop)
 
 
 # ----------------------------------------------------------------------------

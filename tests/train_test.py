@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
@@ -36,6 +37,35 @@ def tiny_config(data_dir, stage='stage1.py', **overrides):
   for key, value in overrides.items():
     config[key] = value
   return config
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache for this module (and its subprocesses).
+
+  The end-to-end tests build the same tiny steps several times; compiling
+  dominates their run time.
+  """
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  saved = {k: getattr(jax.config, k) for k in (
+      'jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+      'jax_persistent_cache_min_entry_size_bytes')}
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  compilation_cache.reset_cache()
+  yield path
+  for key, value in saved.items():
+    jax.config.update(key, value)
+  compilation_cache.reset_cache()
+
+
+def cache_env(path):
+  """Environment for a subprocess sharing the compilation cache at `path`."""
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu',
+          'JAX_COMPILATION_CACHE_DIR': path,
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
 
 @pytest.fixture(scope='module')
@@ -209,7 +239,8 @@ for devices in (jax.devices(), jax.devices()[:1]):
              'label': rng.integers(0, 2, (16,)).astype(np.int32)}
     batch = jax.device_put(batch, sharding.data_sharding(mesh))
     state, metrics = step(state, batch, jax.random.key(7))
-  assert len(state.params['Dense_0']['kernel'].sharding.device_set) == len(devices)
+  kernel = state.params['Dense_0']['kernel']
+  assert len(kernel.sharding.device_set) == len(devices)
   results.append((jax.tree.map(np.asarray, state.variables()),
                   float(metrics.compute()['loss'])))
 (a, loss_a), (b, loss_b) = results
@@ -220,11 +251,11 @@ print('SHARDED_OK', loss_a, loss_b)
 '''
 
 
-def test_sharded_step_equals_single_device_step():
+def test_sharded_step_equals_single_device_step(compile_cache):
   """3 steps (augmentation + both dropouts) on 8 CPU devices vs 1 device."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT, REPO],
-                       capture_output=True, text=True, env=env, timeout=300,
+                       capture_output=True, text=True,
+                       env=cache_env(compile_cache), timeout=300,
                        check=False)
   assert out.returncode == 0 and 'SHARDED_OK' in out.stdout, (
       out.stdout[-3000:] + out.stderr[-3000:])
@@ -330,13 +361,13 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path,
   ckpt.close()
 
 
-def test_script_missing_dataset_is_a_clear_error(tmp_path):
+def test_script_missing_dataset_is_a_clear_error(tmp_path, compile_cache):
   out = subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
        '--config=' + os.path.join(REPO, 'configs', 'stage1.py'),
        f'--workdir={tmp_path / "w"}', f'--config.data_dir={tmp_path / "no"}'],
       capture_output=True, text=True, timeout=300, check=False,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+      env=cache_env(compile_cache))
   assert out.returncode != 0
   assert 'prepare_data.py' in out.stderr
   assert 'Traceback' not in out.stderr
