@@ -13,7 +13,10 @@ The loop reproduces the original Keras `fit` recipe:
     `restore_best_weights`).
 * Checkpoints (orbax): the latest train state each epoch (and every
   `checkpoint_every_steps`) for resuming, and the best model for stage 2 and
-  prediction. A run restarted in the same workdir resumes from the latest.
+  prediction. A run restarted in the same workdir resumes from the latest,
+  mid-epoch too: the epoch's data order and the per-step randomness are
+  functions of (seed, epoch, step), so it continues as if never stopped
+  (only that epoch's logged training averages cover just the resumed part).
 * After training, the best model is evaluated on the validation split and, if
   present, the test split; the summary goes to `<workdir>/results.json`.
 
