@@ -41,6 +41,7 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from optax.contrib import reduce_on_plateau
 
@@ -149,6 +150,8 @@ def init_state(config, model, mesh) -> TrainState:
   checkpoint (restored into this config's model: only shapes must agree);
   the optimizer starts fresh.
   """
+  if config.init_from:
+    _check_init_from(config)
   replicated = sharding.replicated(mesh)
   rng = jax.random.key(config.seed)
   state = jax.jit(functools.partial(create_train_state, config, model),
@@ -161,6 +164,17 @@ def init_state(config, model, mesh) -> TrainState:
     state = state.replace(params=variables['params'],
                           batch_stats=variables['batch_stats'])
   return state
+
+
+def _check_init_from(config) -> None:
+  """Stage 2 must build the model stage 1 trained (same size and widths)."""
+  source = checkpointing.read_config(config.init_from)
+  for key in ('model', 'image_size'):
+    if tuple(np.atleast_1d(source[key])) != tuple(np.atleast_1d(config[key])):
+      raise TrainingError(
+          f'config.{key}={config[key]!r} but the run in config.init_from='
+          f'{config.init_from!r} used {source[key]!r}; fine-tune with the same '
+          f'--config.{key} as stage 1.')
 
 
 def abstract_state(config, model, mesh):

@@ -299,6 +299,9 @@ def test_stage1_then_stage2(data_dir, tmp_path):
   summary2 = train.train_and_evaluate(config2, w2)
   assert summary2['init_from'] == w1
   assert summary2['history'][0]['step'] == 6
+  with pytest.raises(train.TrainingError, match='image_size.*same'):
+    train.init_state(tiny_config(data_dir, 'stage2.py', init_from=w1,
+                                 image_size=(32, 24)), None, mesh)
 
 
 def _interrupt_after(monkeypatch, epoch_to_stop, batches):
