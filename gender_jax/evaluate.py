@@ -224,8 +224,10 @@ def plot_reliability_diagram(bins: Sequence[dict], ece: float,
   ax.bar(centers, [b['accuracy'] for b in full], width=width * 0.95,
          color='tab:blue', edgecolor='black', label='accuracy')
   ax.plot([0.5, 1.0], [0.5, 1.0], '--', color='gray', label='perfect')
-  ax.plot([b['confidence'] for b in full], [b['accuracy'] for b in full],
-          'o', color='tab:red', label='mean confidence')
+  ax.bar(centers, [b['confidence'] - b['accuracy'] for b in full],
+         bottom=[b['accuracy'] for b in full], width=width * 0.95,
+         color='tab:red', alpha=0.35, hatch='//', edgecolor='tab:red',
+         label='gap to mean confidence')
   ax.set_ylim(0, 1.02)
   ax.set_xlim(0.5, 1.0)
   ax.set_ylabel('accuracy')
