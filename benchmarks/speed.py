@@ -19,7 +19,6 @@ images per second; above 1 means JAX is faster).
 """
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -27,6 +26,11 @@ import tempfile
 import time
 
 import numpy as np
+
+if '--profile' in sys.argv:
+  # Per-op timings need XLA:CPU's trace annotations, set before jax loads.
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_cpu_enable_xprof_traceme=true').strip()
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -62,8 +66,7 @@ class JaxSide:
     self.config = config
     self.mesh = sharding.make_mesh()
     self.model = models.create_model(config)
-    self.state = jax.jit(functools.partial(
-        train.create_train_state, config, self.model))(jax.random.key(0))
+    self.state = train.init_state(config, self.model, self.mesh)
     self.step = train.make_train_step(config, self.model, self.mesh)
     data = sharding.data_sharding(self.mesh)
     self.batch = jax.device_put({'image': train_x, 'label': train_y}, data)
@@ -99,6 +102,45 @@ class KerasSide:
 
   def infer(self):
     self.model.predict_on_batch(self.infer_x)
+
+
+def _op_names(hlo_text):
+  """{instruction name: op_name metadata} of a compiled HLO module's ENTRY."""
+  import re  # pylint: disable=g-import-not-at-top
+  entry = hlo_text[hlo_text.find('ENTRY'):]
+  return {m.group(1): m.group(2) for m in re.finditer(
+      r'^\s*%?([\w.-]+) = [^\n]*?op_name="([^"]*)"', entry, re.MULTILINE)}
+
+
+def profile(fn, name, hlo_text, top=25):
+  """Prints the `top` XLA:CPU ops of one call of `fn` by time (ms).
+
+  Each compiled op (fusion.N, ynn_fusion.N: YNNPACK convs/dots) is shown
+  with the JAX op it comes from, read from `hlo_text` (compiled HLO).
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      fn()
+    path = glob.glob(os.path.join(tmp, '**', '*.trace.json.gz'),
+                     recursive=True)[0]
+    with gzip.open(path) as f:
+      events = json.load(f)['traceEvents']
+  totals = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and 'dur' in e:
+      totals[e['name']] += e['dur']
+  total = totals.get('ThunkExecutor::Execute', 0)
+  print(f'--- {name}: {total / 1e3:.0f} ms in XLA thunks; top ops:')
+  skip = ('Thunk', '$', 'Pjit', 'Common', 'Parse', 'Handle', 'Alloc',
+          'Python', 'Slinky', 'end: ')
+  names = _op_names(hlo_text)
+  ops = [(k, t) for k, t in totals.most_common() if not k.startswith(skip)]
+  for k, t in ops[:top]:
+    print(f'{t / 1e3:9.1f} ms  {k:30s} {names.get(k, "")[-90:]}')
 
 
 def timed(fn):
@@ -145,6 +187,10 @@ def main():
   parser.add_argument('--num_images', type=int, default=512,
                       help='Generated JPEGs when --images_dir is not given.')
   parser.add_argument('--skip_labeler', action='store_true')
+  parser.add_argument('--profile', action='store_true',
+                      help='Also print the top XLA ops of a train step and '
+                      'an inference batch (HLO: dump with XLA_FLAGS='
+                      '--xla_dump_to=DIR to map fusion names to ops).')
   args = parser.parse_args()
   image_size = tuple(int(v) for v in args.image_size.split(','))
   threads = os.cpu_count()
@@ -171,6 +217,12 @@ def main():
   for _ in range(args.repeats):
     for name, fn in zip(names, fns):
       times[name].append(timed(fn))
+  if args.profile:
+    profile(jax_side.train, 'jax train step', jax_side.step.lower(
+        jax_side.state, jax_side.batch, jax_side.rng).compile().as_text())
+    profile(jax_side.infer, 'jax inference', jax_side.predict_fn.lower(
+        jax_side.variables(), jax_side.infer_x, jax_side.ids).compile(
+        ).as_text())
   batch = {'train': args.train_batch, 'infer': args.infer_batch}
   rate = {n: batch[n.split('_')[1]] / statistics.median(t)
           for n, t in times.items()}
