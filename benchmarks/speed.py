@@ -7,7 +7,9 @@ One process, one machine: the project's jitted, state-donating train step
 interleaved with Keras' `train_on_batch` / `predict_on_batch` of the same
 architecture (`keras_reference.build_keras_model`) on the same random batch.
 Warm-up calls are excluded; each number is the median of --repeats. TF gets
-the same threads as XLA:CPU (all cores). Then the labeler
+the same threads as XLA:CPU (all cores), and both run under the package's
+CPU process settings (`gender_jax.cpu`: the script re-executes itself once
+with huge-page malloc; GENDER_JAX_NO_REEXEC=1 measures without). Then the labeler
 (`gender_jax.label.label_images`, decoding included) runs over a folder of
 JPEGs and is compared with model-only inference at the same batch size.
 
@@ -26,6 +28,11 @@ import tempfile
 import time
 
 import numpy as np
+
+from gender_jax import cpu  # pylint: disable=g-import-not-at-top
+
+# The package's CPU process settings (huge-page malloc), for both sides.
+cpu.reexec_with_malloc_tunables()
 
 if '--profile' in sys.argv:
   # Per-op timings need XLA:CPU's trace annotations, set before jax loads.
@@ -144,6 +151,14 @@ def profile(fn, name, hlo_text, top=25):
 
 
 def timed(fn):
+  """Seconds of one call of fn, right after an untimed call of it.
+
+  The sides alternate, so each timed call follows a call of the same side:
+  the other framework's just-freed memory and still-spinning worker threads
+  (measured: +15-50% on the JAX step when timed straight after Keras) do not
+  land on the call being timed.
+  """
+  fn()
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
@@ -205,7 +220,8 @@ def main():
   jax_side = JaxSide(config, train_x, train_y, infer_x)
   keras_side = KerasSide(image_size, train_x, train_y, infer_x)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform} '
-        f'({threads} threads, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); '
+        f'({threads} threads, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}, '
+        f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}); '
         f'TF intra-op threads {threads}; load average {os.getloadavg()}')
 
   names = ('jax_train', 'keras_train', 'jax_infer', 'keras_infer')

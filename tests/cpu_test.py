@@ -1,0 +1,43 @@
+"""Tests of gender_jax.cpu: the huge-page malloc re-exec and its guards."""
+
+import os
+import subprocess
+import sys
+
+from gender_jax import cpu
+
+
+def test_tunables_env_adds_the_tunable_once(monkeypatch):
+  monkeypatch.setattr(cpu, 'transparent_hugepages_available', lambda: True)
+  monkeypatch.setattr(cpu.platform, 'libc_ver', lambda: ('glibc', '2.36'))
+  monkeypatch.setattr(cpu.sys, 'platform', 'linux')
+  env = cpu.tunables_env({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
+  assert env['GLIBC_TUNABLES'] == (
+      'glibc.malloc.arena_max=2:' + cpu.MALLOC_TUNABLES)
+  assert cpu.tunables_env({}) == {'GLIBC_TUNABLES': cpu.MALLOC_TUNABLES}
+  # Already set (by us or the user, any value), or disabled: no change.
+  assert cpu.tunables_env({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None
+  assert cpu.tunables_env({cpu.NO_REEXEC_ENV: '1'}) is None
+  monkeypatch.setattr(cpu, 'transparent_hugepages_available', lambda: False)
+  assert cpu.tunables_env({}) is None
+
+
+def test_reexec_keeps_the_command_line(tmp_path):
+  script = tmp_path / 'probe.py'
+  script.write_text(
+      'import os, sys\n'
+      'from gender_jax import cpu\n'
+      'print("start", sys.argv[1:], flush=True)\n'
+      'cpu.reexec_with_malloc_tunables()\n'
+      'print("tunables", os.environ.get("GLIBC_TUNABLES", ""))\n')
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', cpu.NO_REEXEC_ENV)}
+  out = subprocess.run([sys.executable, str(script), 'a', '--b=1'], env=env,
+                       capture_output=True, text=True, check=True).stdout
+  lines = out.splitlines()
+  expected = cpu.tunables_env(env)
+  if expected is None:                     # No glibc/THP here: runs once.
+    assert lines == ["start ['a', '--b=1']", 'tunables ']
+  else:                                    # Re-executed once, same args.
+    assert lines == ["start ['a', '--b=1']", "start ['a', '--b=1']",
+                     f'tunables {expected["GLIBC_TUNABLES"]}']
