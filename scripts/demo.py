@@ -13,6 +13,7 @@ import os
 from absl import app
 from absl import flags
 
+from gender_jax import cli
 from gender_jax import config_lib
 from gender_jax import demo
 
@@ -25,6 +26,7 @@ _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.start()
   stage1 = config_lib.load_sibling(os.path.join(_CONFIGS, 'x'), 'stage1.py')
   stage2 = config_lib.load_sibling(os.path.join(_CONFIGS, 'x'), 'stage2.py')
   print(json.dumps(demo.run_demo(stage1, stage2, _WORKDIR.value), indent=2))

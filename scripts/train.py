@@ -13,7 +13,6 @@ its latest checkpoint. TensorBoard: tensorboard --logdir=<workdir>.
 """
 
 import json
-import logging as std_logging
 import sys
 
 from absl import app
@@ -21,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from gender_jax import cli
 from gender_jax import config_lib
 from gender_jax import train
 
@@ -31,16 +31,10 @@ config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                 lock_config=True)
 
 
-def _quiet_orbax(record) -> bool:
-  """Drops orbax and TFDS INFO chatter (their warnings and errors stay)."""
-  return record.levelno > std_logging.INFO or not any(
-      name in record.pathname for name in ('orbax', 'tensorflow_datasets'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_logger().addFilter(_quiet_orbax)
+  cli.start()
   config = flags.FLAGS.config
   try:
     config_lib.validate(config)
