@@ -6,11 +6,11 @@ from absl import logging
 
 from gender_jax import cpu
 
-_CHATTY = ('orbax', 'tensorflow_datasets')
+_CHATTY = ('orbax', 'tensorflow_datasets', 'xla_bridge')
 
 
 def _drop_library_info(record) -> bool:
-  """Drops orbax and TFDS INFO chatter (their warnings and errors stay)."""
+  """Drops orbax, TFDS and JAX backend-probe INFO chatter (their warnings and errors stay)."""
   return record.levelno > std_logging.INFO or not any(
       name in record.pathname for name in _CHATTY)
 

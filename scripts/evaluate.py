@@ -13,8 +13,8 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from gender_jax import cli
 from gender_jax import evaluate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
@@ -36,7 +36,7 @@ _MAX_WRONG = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)   # Keeps orbax's INFO lines out.
+  cli.start()
   try:
     report = evaluate.evaluate(
         _WORKDIR.value, _DATA_DIR.value, _SPLIT.value,

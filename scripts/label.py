@@ -18,8 +18,8 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from gender_jax import cli
 from gender_jax import label
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (its best '
@@ -46,7 +46,7 @@ _PER_DIRECTORY = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)   # Keeps orbax's INFO lines out.
+  cli.start()
   try:
     summary = label.label_images(
         _WORKDIR.value, _IMAGES.value, _OUTPUT.value,
