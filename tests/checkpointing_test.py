@@ -1,0 +1,70 @@
+"""Latest/best checkpoints round-trip exactly; missing ones fail clearly."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gender_jax import checkpointing
+from gender_jax import config_lib
+from gender_jax import models
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs')
+
+
+def _tiny_config():
+  config = config_lib.load_sibling(os.path.join(CONFIGS, 'x'), 'stage1.py')
+  config.model = 'tiny'
+  config.image_size = (24, 20)
+  return config
+
+
+def _equal(a, b):
+  return jax.tree.all(jax.tree.map(
+      lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b))
+
+
+def test_latest_and_best_round_trip(tmp_path):
+  workdir = str(tmp_path / 'w')
+  config = _tiny_config()
+  model = models.create_model(config)
+  variables = models.init_variables(model, jax.random.key(0), config.image_size)
+  state = {'params': variables['params'],
+           'batch_stats': variables['batch_stats'],
+           'opt': optax.nadam(1e-3).init(variables['params']),
+           'step': jnp.int32(7)}
+  checkpointing.write_config(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir)
+  assert ckpt.restore_latest(state) is None
+  ckpt.save_latest(7, state, {'epoch': 1, 'history': [0.5]})
+  ckpt.save_best(7, variables, {'epoch': 1, 'val_accuracy': 0.75})
+  assert ckpt.latest_step() == 7
+  restored, loop = ckpt.restore_latest(jax.tree.map(jnp.zeros_like, state))
+  ckpt.close()
+  assert loop == {'epoch': 1, 'history': [0.5]}
+  assert _equal(restored, state)
+
+  # Stage 2 restores the best model into a model with another dropout rate.
+  stage2 = checkpointing.read_config(workdir)
+  stage2.dropout_rate = 0.3
+  best, meta = checkpointing.restore_best(workdir, stage2)
+  assert meta == {'epoch': 1, 'val_accuracy': 0.75}
+  assert _equal(best, {'params': variables['params'],
+                       'batch_stats': variables['batch_stats']})
+  config_read, model_read, loaded, _ = checkpointing.load_model(workdir)
+  assert tuple(config_read.image_size) == (24, 20)
+  assert isinstance(model_read, models.GenderCNN)
+  assert _equal(loaded, best)
+
+
+def test_missing_workdir_and_best_are_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='not a gender_jax workdir'):
+    checkpointing.read_config(str(tmp_path / 'nowhere'))
+  workdir = str(tmp_path / 'w')
+  checkpointing.write_config(workdir, _tiny_config())
+  with pytest.raises(FileNotFoundError, match='has not finished an epoch'):
+    checkpointing.restore_best(workdir)
