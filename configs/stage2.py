@@ -9,7 +9,6 @@ from gender_jax import config_lib
 def get_config():
   c = config_lib.load_sibling(__file__, 'stage1.py')
   c.augment = False
-  c.repeat = 1
   c.dropout_rate = 0.3
   c.num_epochs = 10
   c.plateau_patience = 2

@@ -27,7 +27,7 @@ def test_stage_configs_hold_the_original_recipe():
     assert c.early_stopping_min_delta == 1e-3
   assert (s1.augment, s1.repeat, s1.dropout_rate, s1.num_epochs) == (True, 2, 0.0, 25)
   assert (s1.plateau_patience, s1.early_stopping_patience) == (3, 5)
-  assert (s2.augment, s2.dropout_rate, s2.num_epochs) == (False, 0.3, 10)
+  assert (s2.augment, s2.repeat, s2.dropout_rate, s2.num_epochs) == (False, 2, 0.3, 10)
   assert (s2.plateau_patience, s2.early_stopping_patience) == (2, 3)
 
 
