@@ -27,79 +27,149 @@ BN_EPSILON = 1e-3
 S2D_MAX_CHANNELS = 4
 
 
-def _first_max(parts):
-  """Max of 4 same-shaped arrays and the index (0..3) of the first maximum.
+def _window_parts(x, blocks: bool):
+  """The 4 members of each 2x2/2 pooling window, as 4 pooled-shape arrays.
 
-  The index is computed from pairwise comparisons only (never `part == max`),
-  so it stays consistent even when XLA recomputes `parts` in another fusion.
+  Member k = 2*row + col (row-major). ``blocks``: x is (N, H/2, W/2, 4, C)
+  (space-to-depth conv output, member k at axis 3); else (N, H, W, C), with
+  an odd last row/column outside every window ('valid' pooling).
   """
-  a, b, c, d = parts
-  m_ab, m_cd = jnp.maximum(a, b), jnp.maximum(c, d)
-  i_ab = jnp.where(b > a, 1, 0).astype(jnp.int8)
-  i_cd = jnp.where(d > c, 3, 2).astype(jnp.int8)
-  return jnp.maximum(m_ab, m_cd), jnp.where(m_cd > m_ab, i_cd, i_ab)
-
-
-@jax.custom_vjp
-def _pool_even(x):
-  return _pool_even_fwd(x)[0]
-
-
-def _pool_even_fwd(x):
+  if blocks:
+    return [x[:, :, :, k, :] for k in range(4)]
   n, h, w, c = x.shape
-  x6 = x.reshape(n, h // 2, 2, w // 2, 2, c)
-  y, idx = _first_max([x6[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)])
-  return y, idx
+  x6 = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+  return [x6[:, :, i, :, j, :] for i in (0, 1) for j in (0, 1)]
 
 
-def _pool_even_bwd(idx, g):
-  n, h2, w2, c = g.shape
-  pos = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)
-  dx = jnp.where(idx[:, :, None, :, None, :] == pos, g[:, :, None, :, None, :],
-                 jnp.zeros((), g.dtype))
-  return (dx.reshape(n, 2 * h2, 2 * w2, c),)
+def _from_window_parts(parts, shape, blocks: bool):
+  """Inverse of `_window_parts`; positions outside every window are 0."""
+  if blocks:
+    return jnp.stack(parts, axis=3)
+  n, h, w, c = shape
+  h2, w2 = h // 2, w // 2
+  x = jnp.stack(parts, axis=3).reshape(n, h2, w2, 2, 2, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h2, 2 * w2, c)
+  return jnp.pad(x, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
 
 
-_pool_even.defvjp(_pool_even_fwd, _pool_even_bwd)
+def _batch_stats(y):
+  """Per-channel mean and biased variance over all other axes (flax's fast
+  variance: E[y^2] - E[y]^2, clipped at 0)."""
+  axes = tuple(range(y.ndim - 1))
+  mean = jnp.mean(y, axes)
+  return mean, jnp.maximum(0.0, jnp.mean(y * y, axes) - mean * mean)
 
 
-def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
-  """2x2/2 'valid' max-pool: crop + reshape + max, with a saved-argmax VJP.
+def _bn_swish(y, mean, rstd, scale, bias):
+  return nn.swish((y - mean) * (rstd * scale) + bias)
 
-  Same values and gradients as ``nn.max_pool(x, (2, 2), (2, 2), 'VALID')``
-  (an odd trailing row/column is dropped; on ties the first maximum in
-  row-major order gets the gradient), but XLA:CPU compiles it, and above all
-  its gradient, far faster than ``reduce_window`` and select-and-scatter.
-  The argmax is saved in the forward pass: the plain reshape-max gradient
-  (``x == max`` masks) is wrong under jit on CPU, because XLA recomputes ``x``
-  in another fusion with different rounding and the mask comes out empty.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def bn_swish_pool(y, scale, bias, epsilon: float, blocks: bool):
+  """Training BatchNorm -> swish -> 2x2/2 max-pool, as one differentiable op.
+
+  Returns (pooled, batch mean, batch variance). Same values as
+  ``nn.BatchNorm`` (batch statistics) -> ``nn.swish`` -> ``nn.max_pool``
+  (ties go to the first maximum in row-major order, as in XLA's pooling),
+  see `_window_parts` for the layouts. The VJP works at the pooled
+  resolution: only each window's maximum gets a gradient, so the forward
+  pass keeps the pre-BatchNorm value of that maximum and the backward pass
+  reads the full-size input once, to write its gradient. Flax's autodiff of
+  the three layers instead passes over full-size tensors about ten times.
+  The mean and variance are for the running averages; their cotangents are
+  ignored (callers stop their gradient).
   """
-  _, h, w, _ = x.shape
-  return _pool_even(x[:, : h // 2 * 2, : w // 2 * 2, :])
+  return _bn_swish_pool_fwd(y, scale, bias, epsilon, blocks)[0]
 
 
-@jax.custom_vjp
-def max_pool_blocks(x: jnp.ndarray) -> jnp.ndarray:
-  """Max over axis 3 (size 4) of (N, H, W, 4, C) blocks; saved-argmax VJP."""
-  return _pool_blocks_fwd(x)[0]
+def _bn_swish_pool_fwd(y, scale, bias, epsilon, blocks):
+  mean, var = _batch_stats(y)
+  rstd = lax.rsqrt(var + epsilon)
+  parts = _window_parts(y, blocks)
+  acts = [_bn_swish(p, mean, rstd, scale, bias) for p in parts]
+  # First maximum of the activations, and the input value it came from.
+  (a, b, c, d), (ya, yb, yc, yd) = acts, parts
+  m_ab, y_ab = jnp.where(b > a, b, a), jnp.where(b > a, yb, ya)
+  m_cd, y_cd = jnp.where(d > c, d, c), jnp.where(d > c, yd, yc)
+  top = m_cd > m_ab
+  pooled = jnp.where(top, m_cd, m_ab)
+  y_max = jnp.where(top, y_cd, y_ab)
+  return (pooled, mean, var), (y, y_max, mean, rstd, scale, bias)
 
 
-def _pool_blocks_fwd(x):
-  return _first_max([x[:, :, :, i, :] for i in range(4)])
+def _bn_swish_pool_bwd(epsilon, blocks, res, cts):
+  del epsilon
+  y, y_max, mean, rstd, scale, bias = res
+  g = cts[0]
+  count = y.size // y.shape[-1]
+  axes = tuple(range(g.ndim - 1))
+  # d(loss)/d(BatchNorm output) at each window's maximum (zero elsewhere).
+  xhat_max = (y_max - mean) * rstd
+  z = xhat_max * scale + bias
+  s = jax.nn.sigmoid(z)
+  g_max = g * (s * (1 + z * (1 - s)))
+  g_bias = jnp.sum(g_max, axes)
+  g_scale = jnp.sum(g_max * xhat_max, axes)
+  # The window member holding the maximum: the first whose input equals it
+  # (equal inputs give equal activations, so this is the forward's choice).
+  taken = None
+  members = []
+  for part in _window_parts(y, blocks):
+    hit = part == y_max
+    if taken is not None:
+      hit &= ~taken
+    members.append(jnp.where(hit, g_max, jnp.zeros((), g.dtype)))
+    taken = hit if taken is None else taken | hit
+  g_z = _from_window_parts(members, y.shape, blocks)
+  g_y = (scale * rstd) * (g_z - g_bias / count -
+                          (y - mean) * rstd * (g_scale / count))
+  return g_y, g_scale, g_bias
 
 
-def _pool_blocks_bwd(idx, g):
-  pos = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 1, 4, 1)
-  return (jnp.where(idx[:, :, :, None, :] == pos, g[:, :, :, None, :],
-                    jnp.zeros((), g.dtype)),)
+bn_swish_pool.defvjp(_bn_swish_pool_fwd, _bn_swish_pool_bwd)
 
 
-max_pool_blocks.defvjp(_pool_blocks_fwd, _pool_blocks_bwd)
+class BatchNormSwishPool(nn.Module):
+  """``nn.BatchNorm`` -> ``nn.swish`` -> 2x2/2 'valid' max-pool.
+
+  The same variables as ``nn.BatchNorm`` (params scale/bias, batch_stats
+  mean/var, Keras momentum and epsilon), so checkpoints and the parameter
+  count are those of the plain layers; in training it runs `bn_swish_pool`.
+  ``blocks``: the input is the (N, H/2, W/2, 4, C) space-to-depth layout.
+  Statistics and the output are computed in float32, then cast to ``dtype``.
+  """
+
+  blocks: bool = False
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, y, train: bool):
+    c = y.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    if train:
+      pooled, mean, var = bn_swish_pool(y, scale, bias, self.epsilon,
+                                        self.blocks)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
+        ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var)
+    else:
+      rstd = lax.rsqrt(ra_var.value + self.epsilon)
+      pooled = functools.reduce(jnp.maximum, [
+          _bn_swish(p, ra_mean.value, rstd, scale, bias)
+          for p in _window_parts(y, self.blocks)])
+    return jnp.asarray(pooled, self.dtype)
 
 
-# Images per slice when the weight gradient is computed as patches^T @ grads:
-# a few images' patches stay in the last-level cache.
-_WGRAD_CHUNK = 4
+# Images per slice of the weight gradient: two images' column-shifted
+# inputs stay in the last-level cache (measured best of 1, 2, 4, 8, 32).
+_WGRAD_CHUNK = 2
 
 
 def _same_padding(kernel_size: int):
@@ -111,14 +181,10 @@ def _lax_conv(x, kernel, padding):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _patches(x, kernel_hw, padding):
-  """(N, H, W, C) -> (N, H, W, kh*kw*C) stride-1 patches, HWIO tap order."""
-  kh, kw = kernel_hw
+def _column_shifts(x, kw, padding, width):
+  """(N, H, W, C) -> padded (N, H + pad, width, kw*C): the kw column taps."""
   x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  h = x.shape[1] - kh + 1
-  w = x.shape[2] - kw + 1
-  return jnp.concatenate([x[:, i:i + h, j:j + w, :]
-                          for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.concatenate([x[:, :, j:j + width, :] for j in range(kw)], axis=-1)
 
 
 def _chunk_size(n: int, target: int) -> int:
@@ -126,27 +192,32 @@ def _chunk_size(n: int, target: int) -> int:
 
 
 def _weight_grad(x, g, kernel_shape, padding):
-  """d(loss)/d(kernel) as sum over image chunks of patches^T @ grads.
+  """d(loss)/d(kernel), one kernel row at a time, over chunks of images.
 
-  XLA:CPU computes the transposed convolution for a filter gradient with
-  batch and features swapped, several times slower than a matmul; chunking
-  over images keeps each patch matrix in cache.
+  Kernel row i is (row-shifted column taps)^T @ grads, a (kw*C, F) matmul:
+  the column taps are built once per chunk (kw copies of the input, not the
+  kh*kw of full patches) and each row reads them at an offset. XLA:CPU's own
+  filter-gradient convolution needs batch-minor transposes of both operands,
+  which cost more than the matmuls here.
   """
   kh, kw, cin, cout = kernel_shape
-  n = x.shape[0]
+  n, h, w, _ = g.shape
   b = _chunk_size(n, _WGRAD_CHUNK)
   xs = x.reshape(n // b, b, *x.shape[1:])
   gs = g.reshape(n // b, b, *g.shape[1:])
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
   def body(acc, xg):
     xc, gc = xg
-    p = _patches(xc, (kh, kw), padding).reshape(-1, kh * kw * cin)
-    return acc + lax.dot_general(p, gc.reshape(-1, cout),
-                                 (((0,), (0,)), ((), ())),
-                                 preferred_element_type=acc_dtype), None
+    q = _column_shifts(xc, kw, padding, w)
+    gc = gc.reshape(-1, cout)
+    rows = [lax.dot_general(q[:, i:i + h].reshape(-1, kw * cin), gc,
+                            (((0,), (0,)), ((), ())),
+                            preferred_element_type=acc_dtype)
+            for i in range(kh)]
+    return acc + jnp.stack(rows), None
 
-  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  acc, _ = lax.scan(body, jnp.zeros((kh * kw * cin, cout), acc_dtype),
+  acc, _ = lax.scan(body, jnp.zeros((kh, kw * cin, cout), acc_dtype),
                     (xs, gs))
   return acc.reshape(kernel_shape).astype(x.dtype)
 
@@ -156,7 +227,7 @@ def conv2d(x, kernel, padding):
   """Stride-1 NHWC x HWIO convolution, no bias, explicit ((t, b), (l, r)) pad.
 
   Forward and input gradient are XLA's convolutions; the kernel gradient is
-  `_weight_grad` (several times faster on CPU than XLA's).
+  `_weight_grad` (matmuls; on CPU faster than XLA's, which transposes).
   """
   return _lax_conv(x, kernel, padding)
 
@@ -248,7 +319,9 @@ class ConvBlock(nn.Module):
   A block with few input channels and an even-sized input (the first one)
   computes its conv in 2x2 space-to-depth form (`conv2d_same_s2d`); BatchNorm
   statistics then run over the (N, H/2, W/2, 4, F) blocks, which hold the same
-  values, and the max-pool is a max over the 4 pixels of each block.
+  values, and the max-pool is a max over the 4 pixels of each block. The
+  BatchNorm, swish and pool are one op (`BatchNormSwishPool`) whose gradient
+  is computed at the pooled resolution.
   """
 
   features: int
@@ -261,15 +334,8 @@ class ConvBlock(nn.Module):
     blocks = c <= S2D_MAX_CHANNELS and h % 2 == 0 and w % 2 == 0
     x = Conv(self.features, self.kernel_size, dtype=self.dtype,
              name='Conv_0')(x, blocks=blocks)
-    x = nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        dtype=self.dtype,
-        name='BatchNorm_0',
-    )(x)
-    x = nn.swish(x)
-    return max_pool_blocks(x) if blocks else max_pool_2x2(x)
+    return BatchNormSwishPool(blocks=blocks, dtype=self.dtype,
+                              name='BatchNorm_0')(x, train)
 
 
 class GenderCNN(nn.Module):

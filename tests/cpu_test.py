@@ -41,3 +41,21 @@ def test_reexec_keeps_the_command_line(tmp_path):
   else:                                    # Re-executed once, same args.
     assert lines == ["start ['a', '--b=1']", "start ['a', '--b=1']",
                      f'tunables {expected["GLIBC_TUNABLES"]}']
+
+
+def test_xla_flags_env_appends_once_and_respects_the_user():
+  flag = cpu.XLA_CPU_FLAGS[0]
+  name = flag.split('=', 1)[0]
+  assert cpu.xla_flags_env({}) == ' '.join(cpu.XLA_CPU_FLAGS)
+  assert cpu.xla_flags_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}) == (
+      '--xla_force_host_platform_device_count=8 ' + ' '.join(cpu.XLA_CPU_FLAGS))
+  assert cpu.xla_flags_env({'XLA_FLAGS': f'{name}=dot'}) is None
+  assert cpu.xla_flags_env({'XLA_FLAGS': ' '.join(cpu.XLA_CPU_FLAGS)}) is None
+
+
+def test_importing_the_package_sets_the_xla_flags():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run(
+      [sys.executable, '-c', 'import os, gender_jax; print(os.environ["XLA_FLAGS"])'],
+      env=env, capture_output=True, text=True, check=True).stdout
+  assert out.split() == list(cpu.XLA_CPU_FLAGS)

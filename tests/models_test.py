@@ -76,51 +76,86 @@ def test_dropout_only_with_train_and_rng():
     model.apply(variables, images, train=True, mutable=['batch_stats'])
 
 
-@pytest.mark.parametrize('shape', [(2, 8, 6, 3), (2, 7, 9, 4), (1, 5, 5, 2)])
-def test_max_pool_matches_nn_max_pool_with_gradients(shape):
+def _plain_bn_swish_pool(x, scale, bias):
+  """nn.BatchNorm (batch statistics) -> nn.swish -> nn.max_pool, as a reference."""
+  bn = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3)
+  y, updates = bn.apply(
+      {'params': {'scale': scale, 'bias': bias},
+       'batch_stats': {'mean': jnp.zeros_like(scale),
+                       'var': jnp.ones_like(scale)}},
+      x, mutable=['batch_stats'])
+  pooled = nn.max_pool(nn.swish(y), (2, 2), (2, 2), 'VALID')
+  return pooled, updates['batch_stats']
+
+
+def _to_blocks(x):
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+      n, h // 2, w // 2, 4, c)
+
+
+@pytest.mark.parametrize('shape,blocks', [((2, 8, 6, 3), False),
+                                          ((2, 7, 9, 4), False),
+                                          ((1, 5, 5, 2), False),
+                                          ((2, 8, 6, 3), True)])
+def test_bn_swish_pool_matches_plain_layers_with_gradients(shape, blocks):
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  # The producer is recomputed by XLA inside the gradient's fusions: the
-  # saved-argmax VJP must still route each gradient to the window's max.
-  scale = jnp.asarray(rng.uniform(0.5, 2, shape[-1]), jnp.float32)
+  x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32)
+  scale = jnp.asarray(rng.uniform(-2, 2, shape[-1]), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
   r = jnp.asarray(rng.standard_normal(
       (shape[0], shape[1] // 2, shape[2] // 2, shape[3])), jnp.float32)
+  layout = _to_blocks if blocks else lambda v: v
 
-  def loss(pool, x, s):
-    return jnp.sum(pool(nn.swish(x * s - 0.3)) * r)
+  def loss(x, scale, bias):
+    out, mean, var = models.bn_swish_pool(layout(x), scale, bias, 1e-3, blocks)
+    return jnp.sum(out * r), (out, mean, var)
 
-  ref = lambda x: nn.max_pool(x, (2, 2), (2, 2), 'VALID')
-  np.testing.assert_allclose(models.max_pool_2x2(x), ref(x), rtol=0, atol=0)
-  g = jax.jit(jax.grad(functools.partial(loss, models.max_pool_2x2),
-                       argnums=(0, 1)))(x, scale)
-  g_ref = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1)))(
-      x, scale)
+  def loss_ref(x, scale, bias):
+    out, stats = _plain_bn_swish_pool(x, scale, bias)
+    return jnp.sum(out * r), (out, stats)
+
+  g, (out, mean, var) = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(
+      x, scale, bias)
+  g_ref, (out_ref, stats) = jax.jit(jax.grad(loss_ref, (0, 1, 2),
+                                             has_aux=True))(x, scale, bias)
+  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+  # Running averages after one step: 0.99 * init + 0.01 * batch statistic.
+  np.testing.assert_allclose(0.01 * mean, stats['mean'], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(0.99 + 0.01 * var, stats['var'], rtol=1e-6)
   for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_max_pool_ties_go_to_the_first_maximum():
-  x = jnp.zeros((1, 2, 2, 1))
-  g = jax.grad(lambda x: models.max_pool_2x2(x).sum())(x)
-  g_ref = jax.grad(
-      lambda x: nn.max_pool(x, (2, 2), (2, 2), 'VALID').sum())(x)
-  np.testing.assert_array_equal(g, g_ref)
-  np.testing.assert_array_equal(g[0, :, :, 0], [[1, 0], [0, 0]])
+def test_bn_swish_pool_ties_go_to_the_first_maximum():
+  """Equal inputs in a window: the gradient goes to the first, like XLA's pool."""
+  x = jnp.asarray(np.repeat([[[[0.5]]], [[[-0.5]]]], 2, axis=1).repeat(2, 2),
+                  jnp.float32)                      # (2, 2, 2, 1), windows of ties
+  ones = jnp.ones((1,))
+
+  def grad(fn):
+    return jax.grad(lambda x: jnp.sum(fn(x) * jnp.asarray([[[[1.]]], [[[2.]]]])))(x)
+
+  g = grad(lambda x: models.bn_swish_pool(x, ones, ones, 1e-3, False)[0])
+  g_ref = grad(lambda x: _plain_bn_swish_pool(x, ones, ones)[0])
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+  assert np.count_nonzero(g[0, :, :, 0] - g[0, 1, 1, 0]) == 1   # only [0, 0] differs
 
 
-def test_max_pool_blocks_is_the_pool_of_the_blocked_layout():
+def test_batch_norm_swish_pool_eval_uses_running_averages():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 6, 4, 3)), jnp.float32)
-  blocks = x.reshape(2, 3, 2, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
-      2, 3, 2, 4, 3)
-  np.testing.assert_array_equal(models.max_pool_blocks(blocks),
-                                models.max_pool_2x2(x))
-  r = jnp.asarray(rng.standard_normal((2, 3, 2, 3)), jnp.float32)
-  g = jax.grad(lambda b: jnp.sum(models.max_pool_blocks(b) * r))(blocks)
-  g_ref = jax.grad(lambda b: jnp.sum(models.max_pool_2x2(
-      b.reshape(2, 3, 2, 2, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
-          2, 6, 4, 3)) * r))(blocks)
-  np.testing.assert_array_equal(g, g_ref)
+  module = models.BatchNormSwishPool()
+  variables = module.init(jax.random.key(0), x, train=False)
+  variables = jax.tree.map(
+      lambda v: jnp.asarray(rng.uniform(0.5, 2, v.shape), jnp.float32), variables)
+  ref = nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=1e-3)
+  expected = nn.max_pool(nn.swish(ref.apply(variables, x)), (2, 2), (2, 2), 'VALID')
+  np.testing.assert_allclose(module.apply(variables, x, train=False), expected,
+                             rtol=1e-6, atol=1e-6)
+  blocked = models.BatchNormSwishPool(blocks=True).apply(
+      variables, _to_blocks(x), train=False)
+  np.testing.assert_allclose(blocked, expected, rtol=1e-6, atol=1e-6)
 
 
 def _lax_same(x, k):
