@@ -163,8 +163,11 @@ def _lax_same(x, k):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+# Input channels below and above models._WGRAD_CONV_MIN_CHANNELS: both CPU
+# weight-gradient forms; k=2 has uneven 'same' padding.
 @pytest.mark.parametrize('x_shape,k', [((5, 9, 7, 3), 5), ((4, 6, 5, 8), 3),
-                                       ((2, 4, 4, 16), 1)])
+                                       ((2, 4, 4, 16), 1), ((3, 6, 5, 32), 3),
+                                       ((2, 5, 4, 40), 2), ((2, 5, 4, 8), 2)])
 def test_conv2d_same_matches_lax_with_gradients(x_shape, k):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
