@@ -9,7 +9,9 @@ architecture (`keras_reference.build_keras_model`) on the same random batch.
 Warm-up calls are excluded; each number is the median of --repeats. TF gets
 the same threads as XLA:CPU (all cores), and both run under the package's
 CPU process settings (`gender_jax.cpu`: the script re-executes itself once
-with huge-page malloc; GENDER_JAX_NO_REEXEC=1 measures without). Then the labeler
+with huge-page malloc; GENDER_JAX_NO_REEXEC=1 measures without; importing
+gender_jax adds its XLA:CPU flags to XLA_FLAGS unless XLA_FLAGS already sets
+them). Then the labeler
 (`gender_jax.label.label_images`, decoding included) runs over a folder of
 JPEGs and is compared with model-only inference at the same batch size.
 
@@ -176,16 +178,24 @@ def write_jpegs(directory, count, image_size, seed=0):
     image.save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
 
 
-def labeler_speed(jax_side, images_dir, batch_size, workdir):
-  """label_images' images/s (decode included, compile excluded)."""
+def labeler_speed(jax_side, images_dir, batch_size, workdir, repeats=3):
+  """label_images' images/s (decode included, compile excluded).
+
+  The median of `repeats` full runs (each into a new CSV): one run over a
+  few hundred images lasts about two seconds, short enough for a passing
+  load spike on a 2-core machine to move a single reading by 15%.
+  """
   checkpointing.write_config(workdir, jax_side.config)
   predictor = predict.Predictor(jax_side.model, jax_side.variables(),
                                 jax_side.config.image_size,
                                 batch_size=batch_size)
-  summary = label.label_images(workdir, images_dir,
-                               os.path.join(workdir, 'labels.csv'),
-                               predictor=predictor, progress=False)
-  return summary['images_per_second'], summary['num_labelled_now']
+  rates = []
+  for i in range(repeats):
+    summary = label.label_images(workdir, images_dir,
+                                 os.path.join(workdir, f'labels{i}.csv'),
+                                 predictor=predictor, progress=False)
+    rates.append(summary['images_per_second'])
+  return statistics.median(rates), summary['num_labelled_now']
 
 
 def main():
