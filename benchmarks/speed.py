@@ -122,7 +122,7 @@ def _op_names(hlo_text):
 
 
 def profile(fn, name, hlo_text, top=25):
-  """Prints the `top` XLA:CPU ops of one call of `fn` by time (ms).
+  """Prints the `top` XLA:CPU ops of one call of `fn` by traced time (ms).
 
   Each compiled op (fusion.N, ynn_fusion.N: YNNPACK convs/dots) is shown
   with the JAX op it comes from, read from `hlo_text` (compiled HLO).
@@ -131,9 +131,12 @@ def profile(fn, name, hlo_text, top=25):
   import glob  # pylint: disable=g-import-not-at-top
   import gzip  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
+  fn()   # Same warm-up as `timed`: the traced call follows one of its own.
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      start = time.perf_counter()
       fn()
+      wall = time.perf_counter() - start
     path = glob.glob(os.path.join(tmp, '**', '*.trace.json.gz'),
                      recursive=True)[0]
     with gzip.open(path) as f:
@@ -143,7 +146,9 @@ def profile(fn, name, hlo_text, top=25):
     if e.get('ph') == 'X' and 'dur' in e:
       totals[e['name']] += e['dur']
   total = totals.get('ThunkExecutor::Execute', 0)
-  print(f'--- {name}: {total / 1e3:.0f} ms in XLA thunks; top ops:')
+  print(f'--- {name}: {wall * 1e3:.0f} ms wall, {total / 1e3:.0f} ms in traced '
+        'XLA thunks (summed over threads; convolution thunks are not traced '
+        'by XLA:CPU, so most of the rest is convolutions); top ops:')
   skip = ('Thunk', '$', 'Pjit', 'Common', 'Parse', 'Handle', 'Alloc',
           'Python', 'Slinky', 'end: ')
   names = _op_names(hlo_text)
