@@ -64,21 +64,39 @@ def _bn_swish(y, mean, rstd, scale, bias):
   return nn.swish((y - mean) * (rstd * scale) + bias)
 
 
+def _pooled_activation(y, mean, rstd, scale, bias, blocks):
+  return functools.reduce(jnp.maximum, [
+      _bn_swish(p, mean, rstd, scale, bias) for p in _window_parts(y, blocks)])
+
+
+# How far below a window's pooled value a member's recomputed activation may
+# fall and still count as the maximum, relative to 1 + |pooled| (~8 float32
+# ulps). Recomputation matched bit for bit in the 218x178 train step; the
+# margin covers a fusion that rounds differently. Larger margins turn real
+# near-ties into ties (2**-16 already did in the tiny-model gradient test).
+_RECOMPUTE_MARGIN = 2.0 ** -20
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def bn_swish_pool(y, scale, bias, epsilon: float, blocks: bool):
   """Training BatchNorm -> swish -> 2x2/2 max-pool, as one differentiable op.
 
   Returns (pooled, batch mean, batch variance). Same values as
-  ``nn.BatchNorm`` (batch statistics) -> ``nn.swish`` -> ``nn.max_pool``
-  (ties go to the first maximum in row-major order, as in XLA's pooling),
-  see `_window_parts` for the layouts. The VJP works at the pooled
-  resolution: only each window's maximum gets a gradient, so the forward
-  pass keeps the pre-BatchNorm value of that maximum, the BatchNorm gradient
-  sums run over pooled-size arrays, and the input gradient is one elementwise
-  pass. Autodiff of the three flax layers makes several more full-size
-  passes (measured: the first block's fwd+bwd 112 -> 102 ms at batch 32).
-  The mean and variance are for the running averages; their cotangents are
-  ignored (callers stop their gradient).
+  ``nn.BatchNorm`` (batch statistics) -> ``nn.swish`` -> ``nn.max_pool``,
+  see `_window_parts` for the layouts. Only each window's maximum gets a
+  gradient, so the op saves just the input and the pooled output; the
+  backward pass recomputes the four activations of each window from the
+  input, finds the maximum, and does the BatchNorm gradient sums over
+  pooled-size arrays. Autodiff of the three flax layers instead stores and
+  re-reads full-size activations (measured on the train step at 218x178,
+  batch 32: about 30 ms of ~465 ms).
+
+  XLA may round the recomputed activations differently from the forward
+  pass (another fusion), so the maximum is the first member within
+  `_RECOMPUTE_MARGIN` of the pooled value: exact ties go to the first
+  member in row-major order, as in XLA's pooling, and so do near-ties
+  closer than the margin. The mean and variance are for the running
+  averages; their cotangents are ignored (callers stop their gradient).
   """
   return _bn_swish_pool_fwd(y, scale, bias, epsilon, blocks)[0]
 
@@ -86,24 +104,27 @@ def bn_swish_pool(y, scale, bias, epsilon: float, blocks: bool):
 def _bn_swish_pool_fwd(y, scale, bias, epsilon, blocks):
   mean, var = _batch_stats(y)
   rstd = lax.rsqrt(var + epsilon)
-  parts = _window_parts(y, blocks)
-  acts = [_bn_swish(p, mean, rstd, scale, bias) for p in parts]
-  # First maximum of the activations, and the input value it came from.
-  (a, b, c, d), (ya, yb, yc, yd) = acts, parts
-  m_ab, y_ab = jnp.where(b > a, b, a), jnp.where(b > a, yb, ya)
-  m_cd, y_cd = jnp.where(d > c, d, c), jnp.where(d > c, yd, yc)
-  top = m_cd > m_ab
-  pooled = jnp.where(top, m_cd, m_ab)
-  y_max = jnp.where(top, y_cd, y_ab)
-  return (pooled, mean, var), (y, y_max, mean, rstd, scale, bias)
+  pooled = _pooled_activation(y, mean, rstd, scale, bias, blocks)
+  return (pooled, mean, var), (y, pooled, mean, rstd, scale, bias)
 
 
 def _bn_swish_pool_bwd(epsilon, blocks, res, cts):
   del epsilon
-  y, y_max, mean, rstd, scale, bias = res
+  y, pooled, mean, rstd, scale, bias = res
   g = cts[0]
   count = y.size // y.shape[-1]
   axes = tuple(range(g.ndim - 1))
+  # The window member holding the maximum, and its input value.
+  floor = pooled - _RECOMPUTE_MARGIN * (1 + jnp.abs(pooled))
+  parts = _window_parts(y, blocks)
+  hits, taken, y_max = [], None, jnp.zeros_like(pooled)
+  for part in parts:
+    hit = _bn_swish(part, mean, rstd, scale, bias) >= floor
+    if taken is not None:
+      hit &= ~taken
+    hits.append(hit)
+    y_max = jnp.where(hit, part, y_max)
+    taken = hit if taken is None else taken | hit
   # d(loss)/d(BatchNorm output) at each window's maximum (zero elsewhere).
   xhat_max = (y_max - mean) * rstd
   z = xhat_max * scale + bias
@@ -111,17 +132,9 @@ def _bn_swish_pool_bwd(epsilon, blocks, res, cts):
   g_max = g * (s * (1 + z * (1 - s)))
   g_bias = jnp.sum(g_max, axes)
   g_scale = jnp.sum(g_max * xhat_max, axes)
-  # The window member holding the maximum: the first whose input equals it
-  # (equal inputs give equal activations, so this is the forward's choice).
-  taken = None
-  members = []
-  for part in _window_parts(y, blocks):
-    hit = part == y_max
-    if taken is not None:
-      hit &= ~taken
-    members.append(jnp.where(hit, g_max, jnp.zeros((), g.dtype)))
-    taken = hit if taken is None else taken | hit
-  g_z = _from_window_parts(members, y.shape, blocks)
+  g_z = _from_window_parts(
+      [jnp.where(hit, g_max, jnp.zeros((), g.dtype)) for hit in hits],
+      y.shape, blocks)
   g_y = (scale * rstd) * (g_z - g_bias / count -
                           (y - mean) * rstd * (g_scale / count))
   return g_y, g_scale, g_bias
@@ -161,10 +174,9 @@ class BatchNormSwishPool(nn.Module):
         ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
         ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var)
     else:
-      rstd = lax.rsqrt(ra_var.value + self.epsilon)
-      pooled = functools.reduce(jnp.maximum, [
-          _bn_swish(p, ra_mean.value, rstd, scale, bias)
-          for p in _window_parts(y, self.blocks)])
+      pooled = _pooled_activation(y, ra_mean.value,
+                                  lax.rsqrt(ra_var.value + self.epsilon),
+                                  scale, bias, self.blocks)
     return jnp.asarray(pooled, self.dtype)
 
 

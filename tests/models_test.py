@@ -142,6 +142,28 @@ def test_bn_swish_pool_ties_go_to_the_first_maximum():
   assert np.count_nonzero(g[0, :, :, 0] - g[0, 1, 1, 0]) == 1   # only [0, 0] differs
 
 
+def test_bn_swish_pool_gradient_survives_recomputation_rounding():
+  """The backward pass recomputes the activations, maybe in another XLA fusion
+  that rounds differently: a pooled value a few ulps off must not move the
+  gradient (the first plain reshape-max pool lost it that way)."""
+  rng = np.random.default_rng(1)
+  y = jnp.asarray(rng.standard_normal((2, 6, 4, 3)) * 2, jnp.float32)
+  scale = jnp.asarray([1.5, -0.7, 0.3], jnp.float32)
+  bias = jnp.asarray([0.1, 0.2, -0.3], jnp.float32)
+  g = jnp.asarray(rng.standard_normal((2, 3, 2, 3)), jnp.float32)
+  _, res = models._bn_swish_pool_fwd(y, scale, bias, 1e-3, False)
+  exact = models._bn_swish_pool_bwd(1e-3, False, res, (g, None, None))
+  pooled = res[1]
+  for ulps in (3, -3):
+    off = pooled
+    for _ in range(abs(ulps)):
+      off = jnp.nextafter(off, jnp.inf if ulps > 0 else -jnp.inf)
+    grads = models._bn_swish_pool_bwd(1e-3, False, (res[0], off, *res[2:]),
+                                      (g, None, None))
+    for a, b in zip(grads, exact):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_batch_norm_swish_pool_eval_uses_running_averages():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 6, 4, 3)), jnp.float32)
