@@ -9,7 +9,7 @@ it) this times, jitted and warm, the median of --repeats calls of:
 and prints each with its GFLOP/s next to a float32 4096x4096 matmul, XLA's
 best case on this machine. The last lines are the model's floor: its
 forward FLOPs at the matmul rate, against the measured inference batch.
-XLA:CPU's profile (`speed.py --profile`) does not trace convolution thunks;
+XLA:CPU's profile (`speed.py --profile`) shows convolution thunks at ~0 ms;
 this is the table that accounts for them.
 
   python benchmarks/conv_speed.py

@@ -124,7 +124,7 @@ def _op_names(hlo_text):
 def profile(fn, name, hlo_text, top=25):
   """Prints the `top` XLA:CPU ops of one call of `fn` by traced time (ms).
 
-  Each compiled op (fusion.N, ynn_fusion.N: YNNPACK convs/dots) is shown
+  Each compiled op (fusion.N; ynn_fusion.N: YNNPACK dots, reductions) is shown
   with the JAX op it comes from, read from `hlo_text` (compiled HLO).
   """
   import collections  # pylint: disable=g-import-not-at-top
@@ -147,8 +147,8 @@ def profile(fn, name, hlo_text, top=25):
       totals[e['name']] += e['dur']
   total = totals.get('ThunkExecutor::Execute', 0)
   print(f'--- {name}: {wall * 1e3:.0f} ms wall, {total / 1e3:.0f} ms in traced '
-        'XLA thunks (summed over threads; convolution thunks are not traced '
-        'by XLA:CPU, so most of the rest is convolutions); top ops:')
+        "XLA thunks (summed over threads; XLA:CPU's trace shows convolution "
+        'thunks at ~0 ms, so most of the rest is convolutions); top ops:')
   skip = ('Thunk', '$', 'Pjit', 'Common', 'Parse', 'Handle', 'Alloc',
           'Python', 'Slinky', 'end: ')
   names = _op_names(hlo_text)
