@@ -1,12 +1,23 @@
-"""Start-up shared by the command-line entry points in `scripts/`."""
+"""Start-up and user-error handling shared by the entry points in `scripts/`."""
 
+import contextlib
 import logging as std_logging
+import os
+import sys
+from typing import Iterator, Type
 
 from absl import logging
 
 from gender_jax import cpu
 
 _CHATTY = ('orbax', 'tensorflow_datasets', 'xla_bridge')
+# Exit status of a run stopped by the user's own mistake (as argparse's).
+USAGE_EXIT_STATUS = 2
+
+
+class UserError(Exception):
+  """A mistake in the user's input (flag, file, folder): the message says
+  which and what to do; scripts print it as one line and exit with status 2."""
 
 
 def _drop_library_info(record) -> bool:
@@ -22,3 +33,23 @@ def start() -> None:
   """
   cpu.reexec_with_malloc_tunables()
   logging.get_absl_logger().addFilter(_drop_library_info)
+
+
+def fail(program: str, message: str) -> None:
+  """Prints `program: error: message` as one line on stderr; exits with 2."""
+  print(f'{program}: error: {" ".join(str(message).split())}', file=sys.stderr,
+        flush=True)
+  sys.exit(USAGE_EXIT_STATUS)
+
+
+@contextlib.contextmanager
+def user_errors(program: str, *also: Type[BaseException]) -> Iterator[None]:
+  """Turns `UserError` (and the exception types in `also`) raised inside into
+  `fail(program, message)`. With absl's --verbosity >= 1 the traceback is
+  printed first, for debugging."""
+  try:
+    yield
+  except (UserError, *also) as e:  # pylint: disable=catching-non-exception
+    if logging.get_verbosity() >= 1:
+      raise
+    fail(os.path.basename(program), e)
