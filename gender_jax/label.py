@@ -516,9 +516,9 @@ def _short(path: str, width: int = 22) -> str:
 def _plot_candidates(paths: Sequence[str], titles: Sequence[str],
                      png: str, title: str) -> None:
   """A grid of the top mislabel candidates, to look at them."""
-  from gender_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from gender_jax import plots  # pylint: disable=g-import-not-at-top
   images, _ = image_io.load_images(paths, DISPLAY_SIZE)
-  evaluate.plot_image_grid(images, titles, png, title)
+  plots.plot_image_grid(images, titles, png, title)
 
 
 def _write_per_directory(outputs, paths, ok, values, predicted, given_arr):

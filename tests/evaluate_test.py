@@ -83,32 +83,6 @@ def test_report_edge_cases():
     evaluate.classification_report(np.ones(3), np.ones(2))
 
 
-def test_pictures_are_valid_pngs_and_paged(tmp_path):
-  labels, logits = random_predictions(200)
-  r = evaluate.classification_report(labels, logits)
-  evaluate.plot_confusion_matrix(r['confusion_matrix'],
-                                 str(tmp_path / 'cm.png'))
-  evaluate.plot_reliability_diagram(r['calibration_bins'], r['ece'],
-                                    str(tmp_path / 'rel.png'))
-  rng = np.random.default_rng(0)
-  faces = rng.integers(0, 255, (65, *IMAGE_SIZE, 3), np.uint8)
-  pages = evaluate.plot_wrong_predictions(faces, np.ones(65, int),
-                                          np.linspace(0, .4, 65),
-                                          str(tmp_path), per_page=30)
-  assert [os.path.basename(p) for p in pages] == [
-      'wrong_predictions.png', 'wrong_predictions_2.png',
-      'wrong_predictions_3.png']
-  for path in [tmp_path / 'cm.png', tmp_path / 'rel.png', *pages]:
-    with Image.open(path) as im:
-      im.verify()
-    with Image.open(path) as im:
-      assert im.format == 'PNG' and min(im.size) > 100
-  none = evaluate.plot_wrong_predictions([], [], [], str(tmp_path / 'x')
-                                         if os.makedirs(tmp_path / 'x') is None
-                                         else '')
-  assert len(none) == 1 and os.path.exists(none[0])
-
-
 def test_worst_errors_keeps_largest_first():
   worst = evaluate._WorstErrors(3)
   for i, (y, p) in enumerate([(1, .4), (0, .9), (1, .05), (0, .6), (1, .01)]):
