@@ -8,7 +8,7 @@ convert to RGB (grey, palette, RGBA, CMYK all become RGB), bilinear resize to
 
 import concurrent.futures
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -42,6 +42,21 @@ def error_reason(error: BaseException) -> str:
   """A one-line reason for a failed decode, for CSV error columns."""
   text = ' '.join(str(error).split()) or 'no message'
   return f'{type(error).__name__}: {text}'
+
+
+def decode(path: str,
+           image_size: Sequence[int]) -> Tuple[Optional[np.ndarray], str]:
+  """`load_image` that never raises: (uint8 (H, W, 3), '') or (None, reason).
+
+  The one decode of data preparation, the labeller and `load_images`; the
+  reason is `error_reason`'s 'ErrorType: message' (an empty file says so).
+  """
+  try:
+    if os.path.getsize(path) == 0:
+      raise ValueError('empty file (0 bytes)')
+    return load_image(path, image_size), ''
+  except Exception as e:  # pylint: disable=broad-except
+    return None, error_reason(e)
 
 
 def list_images(root: str,
@@ -78,10 +93,11 @@ def load_images(paths: Sequence[str], image_size: Sequence[int],
   errors = {}
 
   def load(i):
-    try:
-      images[i] = load_image(paths[i], image_size)
-    except Exception as e:  # pylint: disable=broad-except
-      errors[i] = error_reason(e)
+    image, reason = decode(paths[i], image_size)
+    if image is None:
+      errors[i] = reason
+    else:
+      images[i] = image
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
     list(pool.map(load, range(len(paths))))

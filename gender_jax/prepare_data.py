@@ -13,7 +13,7 @@ Two entry points, both writing `<data_dir>/gender_faces/1.0.0/`:
 Output is written to `<version>.tmp-<pid>` and renamed into place, so an
 interrupted run never leaves a dataset that loads.
 
-Images are decoded by `gender_jax.image_io.load_image`, shared with the
+Images are decoded by `gender_jax.image_io.decode`, shared with the
 labeller: PIL decode, `convert('RGB')` (grey, palette, CMYK become RGB; alpha is
 dropped, as `tf.io.decode_image(channels=3)` does), bilinear resize to
 (width, height). Files it cannot decode are skipped, logged and counted.
@@ -197,12 +197,9 @@ def _write_shard(task: _ShardTask, report=None):
   skipped = []
   with tf.io.TFRecordWriter(task.path) as writer:
     for i, (path, label) in enumerate(task.items, 1):
-      try:
-        if os.path.getsize(path) == 0:
-          raise ValueError('empty file (0 bytes)')
-        image = image_io.load_image(path, task.image_size)
-      except Exception as e:  # pylint: disable=broad-except
-        skipped.append((path, image_io.error_reason(e)))
+      image, reason = image_io.decode(path, task.image_size)
+      if image is None:
+        skipped.append((path, reason))
       else:   # Write errors (disk full...) abort the run instead.
         writer.write(_example(dataset.serialize_image(image), label))
         counts[label] += 1
