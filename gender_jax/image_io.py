@@ -1,9 +1,31 @@
 """Decode any image file to the model's RGB uint8 (H, W, 3) input.
 
-One function shared by data preparation and the labeller, so that images seen
-at labelling time are resized exactly like the training images: PIL decode,
-convert to RGB (grey, palette, RGBA, CMYK all become RGB), bilinear resize to
-(width, height). EXIF orientation is not applied, as in data preparation.
+One decode shared by data preparation and the labeller, so that images seen
+at labelling time are converted and resized exactly like the training images:
+
+1. PIL decode (first frame of animations and multi-page files).
+2. EXIF orientation is applied (`PIL.ImageOps.exif_transpose`), so a phone
+   photo is seen upright, as a photo viewer shows it. The training data
+   (upright CelebA-style JPEG crops without orientation tags) are unchanged.
+3. Conversion to 8-bit RGB, by mode:
+   - L, 1, P, RGB, CMYK, YCbCr, ...: PIL's `convert('RGB')` (CMYK naively,
+     (255 - C) * (255 - K) / 255, no ICC profile).
+   - 16-bit grey (I;16, I;16B, I;16L, I;16N): value >> 8 (0..65535 ->
+     0..255). PIL's own conversion clips these at 255 (an almost white face).
+   - I (32-bit signed integers): PIL's container for deeper integer data;
+     scaled by the file's bit depth: TIFF's BitsPerSample when present
+     (less its sign bit for signed samples: a 32-bit signed TIFF holds
+     0..2**31 - 1), otherwise 16 (PIL decodes 16-bit PGM/PPM into I): clip
+     to 0..2**bits - 1, then >> (bits - 8).
+   - F (32-bit float): values in 0..1 (max <= 1) are scaled by 255, others
+     are taken as 0..255; then rounded and clipped to 0..255 (NaN -> 0).
+   - Alpha (RGBA, LA, PA, RGBa, a palette or grey/RGB image with a
+     'transparency' entry): composited over black, i.e. colour * alpha / 255.
+     Fully transparent pixels become black whatever colour they hide, and
+     opaque pixels are unchanged; where the hidden colour is black (what most
+     writers store) this equals `tf.image.decode_png(channels=3)` and Keras's
+     `load_img`, which drop alpha.
+4. Bilinear resize (PIL) of the RGB image to (width, height).
 """
 
 import concurrent.futures
@@ -12,16 +34,57 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 # Extensions the labeller picks up (lower case; matching is case-insensitive).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff', '.ppm', '.pgm')
+_TIFF_BITS_PER_SAMPLE = 258
+_TIFF_SAMPLE_FORMAT, _TIFF_SIGNED = 339, 2
+
+
+def _tiff_tag(image: Image.Image, tag: int):
+  """First value of a TIFF tag, or None (not a TIFF, or no such tag)."""
+  value = getattr(image, 'tag_v2', {}).get(tag)
+  return value[0] if isinstance(value, tuple) and value else value
+
+
+def _integer_bits(image: Image.Image) -> int:
+  """Value bits of the data in a mode 'I*' image (see the module docstring)."""
+  if image.mode.startswith('I;16'):
+    return 16
+  bits = _tiff_tag(image, _TIFF_BITS_PER_SAMPLE)
+  if not bits or not 8 <= int(bits) <= 32:
+    return 16
+  return int(bits) - (_tiff_tag(image, _TIFF_SAMPLE_FORMAT) == _TIFF_SIGNED)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """8-bit RGB version of a PIL image of any mode (rules: module docstring)."""
+  if image.mode == 'RGB':
+    return image
+  if image.mode == 'I' or image.mode.startswith('I;16'):
+    bits = _integer_bits(image)
+    values = np.clip(np.asarray(image).astype(np.int64), 0, (1 << bits) - 1)
+    grey = (values >> (bits - 8)).astype(np.uint8)
+    return Image.fromarray(grey, 'L').convert('RGB')
+  if image.mode == 'F':
+    values = np.nan_to_num(np.asarray(image, np.float64), nan=0.0)
+    if values.size and values.max() <= 1:
+      values = values * 255
+    grey = np.rint(np.clip(values, 0, 255)).astype(np.uint8)
+    return Image.fromarray(grey, 'L').convert('RGB')
+  if image.has_transparency_data:
+    rgba = image.convert('RGBA')
+    black = Image.new('RGBA', rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, rgba).convert('RGB')
+  return image.convert('RGB')
 
 
 def to_model_input(image: Image.Image, image_size: Sequence[int]) -> np.ndarray:
-  """RGB-converts and bilinearly resizes a PIL image to uint8 (H, W, 3)."""
+  """8-bit RGB conversion and bilinear resize of a PIL image: uint8 (H, W, 3)."""
   height, width = image_size
-  image = image.convert('RGB')
+  image = to_rgb(image)
   if image.size != (width, height):
     image = image.resize((width, height), Image.BILINEAR)
   return np.asarray(image, dtype=np.uint8)
@@ -30,11 +93,12 @@ def to_model_input(image: Image.Image, image_size: Sequence[int]) -> np.ndarray:
 def load_image(path: str, image_size: Sequence[int]) -> np.ndarray:
   """Reads `path` and returns uint8 (H, W, 3) at `image_size` = (H, W).
 
-  Raises OSError/ValueError (PIL's) for unreadable, truncated or non-image
-  files; callers that must not abort (the labeller) turn them into reasons.
+  Applies the EXIF orientation. Raises OSError/ValueError (PIL's) for
+  unreadable, truncated or non-image files; `decode` turns them into reasons.
   """
   with Image.open(path) as image:
     image.load()
+    ImageOps.exif_transpose(image, in_place=True)
     return to_model_input(image, image_size)
 
 

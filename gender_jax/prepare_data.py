@@ -13,10 +13,10 @@ Two entry points, both writing `<data_dir>/gender_faces/1.0.0/`:
 Output is written to `<version>.tmp-<pid>` and renamed into place, so an
 interrupted run never leaves a dataset that loads.
 
-Images are decoded by `gender_jax.image_io.decode`, shared with the
-labeller: PIL decode, `convert('RGB')` (grey, palette, CMYK become RGB; alpha is
-dropped, as `tf.io.decode_image(channels=3)` does), bilinear resize to
-(width, height). Files it cannot decode are skipped, logged and counted.
+Images are decoded by `gender_jax.image_io.decode`, shared with the labeller
+(EXIF orientation, 8-bit RGB for every PIL mode, alpha over black, bilinear
+resize: rules in `gender_jax.image_io`). Files it cannot decode are skipped,
+logged and counted.
 """
 
 import concurrent.futures
