@@ -1,0 +1,43 @@
+r"""Imports the original Keras model's weights into a new gender_jax workdir.
+
+  python scripts/import_keras.py --keras_model=model_1.keras --workdir=runs/keras
+
+The workdir (config.json from configs/default.py with the model's image size
+and dropout rates, best/0 with params and BatchNorm statistics) then works
+with scripts/evaluate.py, scripts/label.py, scripts/export.py and as stage 2's
+--config.init_from. Only the original architecture is accepted.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+
+from gender_jax import cli
+from gender_jax import config_lib
+from gender_jax import keras_import
+
+_KERAS_MODEL = flags.DEFINE_string(
+    'keras_model', None, 'Keras model file (.keras or .h5, saved with '
+    'model.save()).', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'New workdir to write.',
+                               required=True)
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.start()
+  base = config_lib.load_sibling(os.path.join(_CONFIGS, 'x'), 'default.py')
+  with cli.user_errors(__file__):
+    summary = keras_import.import_keras(_KERAS_MODEL.value, _WORKDIR.value,
+                                        base)
+  print(json.dumps(summary, indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)
