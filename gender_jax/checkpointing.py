@@ -146,3 +146,39 @@ def load_model(workdir: str):
   config = read_config(workdir)
   variables, meta = restore_best(workdir, config)
   return config, models.create_model(config), variables, meta
+
+
+def restore_latest_variables(workdir: str,
+                             config: Optional[ml_collections.ConfigDict] = None,
+                             sharding=None):
+  """Returns ({'params','batch_stats'}, meta) of a workdir's latest train state.
+
+  Reads only those two collections and the step of ``checkpoints/<step>/state``
+  (orbax partial restore), so the optimizer and its state are neither built nor
+  read. ``meta`` is the loop's JSON dict plus ``step``. ``config`` as in
+  `restore_best`.
+  """
+  config = config or read_config(workdir)
+  directory = os.path.join(workdir, 'checkpoints')
+  missing = FileNotFoundError(
+      f'No train-state checkpoint in {directory}: the run in {workdir!r} has '
+      'not saved one yet.')
+  if not os.path.isdir(directory):
+    raise missing
+  item = abstract_variables(config, sharding)
+  item['step'] = jax.ShapeDtypeStruct((), 'int32', sharding=sharding)
+  manager = _manager(directory, 1)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise missing
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=item, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
+        loop=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  state = restored['state']
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  return variables, {**restored['loop'], 'step': int(state['step'])}

@@ -6,17 +6,18 @@ input pipeline pads the last batch and masks the padding) and writes, into
 
   report.json              accuracy, per-class precision/recall/F1/support,
                            macro/weighted F1, confusion matrix, ROC AUC, log
-                           loss, expected calibration error (+ its bins)
+                           loss, expected calibration error (+ its bins), and
+                           what it was computed on: workdir, checkpoint and
+                           its step/epoch, data_dir, split, image sizes
   confusion_matrix.png
   reliability_diagram.png  accuracy vs confidence per bin, with counts
   wrong_predictions.png    misclassified faces, largest errors first, with
   wrong_predictions_<k>.png  true label and p(male); capped and paged
   events.out.tfevents.*    the scalars and pictures for TensorBoard
 
-`classification_report` computes every number from arrays (numpy only, float64)
-so it can be checked against an independent computation. The metrics are a
-few lines of numpy each rather than clu.metrics because they need the whole
-prediction set (ranks for ROC AUC, bins for calibration), not running means.
+`classification_report` computes every number from the whole prediction set
+(float64; ranks for ROC AUC, bins for calibration, so not clu's running
+means). The pictures are drawn by `gender_jax.plots`.
 """
 
 import heapq
@@ -28,8 +29,10 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 from absl import logging
+from sklearn import metrics as skm
 
 from gender_jax import checkpointing
+from gender_jax import cli
 from gender_jax import dataset
 from gender_jax import input_pipeline
 from gender_jax import models
@@ -37,7 +40,6 @@ from gender_jax import plots
 from gender_jax import predict
 from gender_jax import sharding as sharding_lib
 
-CLASS_NAMES = dataset.CLASS_NAMES          # ('female', 'male'); male = 1.
 NUM_BINS = 10                              # Calibration bins over [0.5, 1].
 MAX_WRONG = 120                            # Capped: 4 pages at most.
 
@@ -45,29 +47,13 @@ MAX_WRONG = 120                            # Capped: 4 pages at most.
 # ----------------------------------------------------------------- metrics --
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
-  """Area under the ROC curve (Mann-Whitney U, ties count half).
-
-  None when only one class is present (the AUC is undefined).
-  """
-  labels = np.asarray(labels).astype(bool)
-  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-  if n_pos == 0 or n_neg == 0:
-    return None
-  scores = np.asarray(scores, np.float64)
-  order = np.argsort(scores, kind='mergesort')
-  sorted_scores = scores[order]
-  ranks = np.empty(len(scores), np.float64)
-  # Average 1-based rank within each group of tied scores.
-  starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-  ends = np.r_[starts[1:], len(scores)]
-  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-  u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
-  return float(u / (n_pos * n_neg))
-
-
 def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
-  """Mean binary cross-entropy (nats), from logits so it never overflows."""
+  """Mean binary cross-entropy (nats), exact from logits.
+
+  Not `sklearn.metrics.log_loss`: it takes probabilities and clips them at
+  float64's epsilon, which caps a confidently wrong prediction at ~36 nats
+  (logit 800 is 800 nats here) and rounds saturated sigmoids.
+  """
   z = np.asarray(logits, np.float64)
   y = np.asarray(labels, np.float64)
   return float(np.mean(np.logaddexp(0.0, z) - y * z))
@@ -80,7 +66,9 @@ def calibration_bins(labels: np.ndarray, p_male: np.ndarray,
   `num_bins` equal-width bins over [0.5, 1] (a binary classifier's confidence
   is never below 0.5); bin i is [lower, upper), the last one includes 1.
   Each bin: lower, upper, count, accuracy and mean confidence (None if
-  empty).
+  empty). Written here because `sklearn.calibration.calibration_curve` bins
+  p(male) against the fraction of males over [0, 1] (not the confidence of
+  the predicted class against accuracy), drops empty bins and gives no counts.
   """
   p = np.asarray(p_male, np.float64)
   labels = np.asarray(labels)
@@ -102,7 +90,10 @@ def calibration_bins(labels: np.ndarray, p_male: np.ndarray,
 
 
 def expected_calibration_error(bins: Sequence[dict]) -> float:
-  """sum_b n_b / N * |accuracy_b - confidence_b| over non-empty bins."""
+  """sum_b n_b / N * |accuracy_b - confidence_b| over non-empty bins.
+
+  Written here: sklearn has no expected calibration error.
+  """
   total = sum(b['count'] for b in bins)
   return float(sum(b['count'] / total * abs(b['accuracy'] - b['confidence'])
                    for b in bins if b['count'])) if total else float('nan')
@@ -111,40 +102,38 @@ def expected_calibration_error(bins: Sequence[dict]) -> float:
 def classification_report(labels, logits, num_bins: int = NUM_BINS) -> dict:
   """Every reported number for binary labels (male = 1) and logits.
 
-  Predicted male when sigmoid(logit) >= 0.5, as in training. Precision of a
-  class never predicted is 0 (sklearn's zero_division=0).
+  Predicted male when sigmoid(logit) >= 0.5, as in training. Accuracy,
+  precision/recall/F1, the confusion matrix and ROC AUC are sklearn's; the
+  precision of a class never predicted is 0 (zero_division=0) and ROC AUC is
+  None when one class is missing (undefined). Log loss and calibration are
+  computed here (see `log_loss`, `calibration_bins`).
   """
   labels = np.asarray(labels).astype(np.int64)
   logits = np.asarray(logits, np.float64)
-  if labels.shape != logits.shape or labels.ndim != 1:
+  if labels.shape != logits.shape or labels.ndim != 1 or not len(labels):
     raise ValueError(f'labels {labels.shape} and logits {logits.shape} must be '
-                     'equal-length vectors')
+                     'equal-length, non-empty vectors')
   p_male = np.exp(-np.logaddexp(0.0, -logits))     # sigmoid, no overflow.
   predicted = (p_male >= 0.5).astype(np.int64)
-  n = len(labels)
-  cm = np.zeros((2, 2), np.int64)            # rows: true, columns: predicted.
-  np.add.at(cm, (labels, predicted), 1)
-  per_class = {}
-  for c, name in enumerate(CLASS_NAMES):
-    tp, support, n_pred = cm[c, c], cm[c].sum(), cm[:, c].sum()
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / support if support else 0.0
-    f1 = (2 * precision * recall / (precision + recall)
-          if precision + recall else 0.0)
-    per_class[name] = {'precision': float(precision), 'recall': float(recall),
-                       'f1': float(f1), 'support': int(support)}
-  f1s = np.asarray([per_class[c]['f1'] for c in CLASS_NAMES])
-  supports = np.asarray([per_class[c]['support'] for c in CLASS_NAMES])
+  classes = list(range(len(dataset.CLASS_NAMES)))
+  precision, recall, f1, support = skm.precision_recall_fscore_support(
+      labels, predicted, labels=classes, zero_division=0.0)
+  per_class = {
+      name: {'precision': float(precision[c]), 'recall': float(recall[c]),
+             'f1': float(f1[c]), 'support': int(support[c])}
+      for c, name in enumerate(dataset.CLASS_NAMES)}
   bins = calibration_bins(labels, p_male, num_bins)
   return {
-      'num_examples': int(n),
-      'accuracy': float(np.trace(cm) / n) if n else float('nan'),
+      'num_examples': len(labels),
+      'accuracy': float(skm.accuracy_score(labels, predicted)),
       'per_class': per_class,
-      'macro_f1': float(f1s.mean()),
-      'weighted_f1': float((f1s * supports).sum() / n) if n else float('nan'),
-      'confusion_matrix': cm.tolist(),
-      'roc_auc': roc_auc(labels, logits),
-      'log_loss': log_loss(labels, logits) if n else float('nan'),
+      'macro_f1': float(np.mean(f1)),
+      'weighted_f1': float(np.average(f1, weights=support)),
+      'confusion_matrix': skm.confusion_matrix(labels, predicted,
+                                               labels=classes).tolist(),
+      'roc_auc': (float(skm.roc_auc_score(labels, logits))
+                  if len(np.unique(labels)) == 2 else None),
+      'log_loss': log_loss(labels, logits),
       'ece': expected_calibration_error(bins),
       'calibration_bins': bins,
   }
@@ -176,10 +165,11 @@ def format_report(report: dict) -> str:
             f"{'weighted avg':>14}{'':>20}{report['weighted_f1']:>10.4f}"
             f'{n:>10d}', '']
   cm = report['confusion_matrix']
+  names = dataset.CLASS_NAMES
   lines += ['confusion matrix (rows: true, columns: predicted)',
-            f"{'':>14}{CLASS_NAMES[0]:>10}{CLASS_NAMES[1]:>10}"]
+            f"{'':>14}{names[0]:>10}{names[1]:>10}"]
   lines += [f'{name:>14}{row[0]:>10d}{row[1]:>10d}'
-            for name, row in zip(CLASS_NAMES, cm)]
+            for name, row in zip(names, cm)]
   auc = report['roc_auc']
   lines += ['', f"ROC AUC {'n/a' if auc is None else f'{auc:.4f}'}   "
             f"log loss {report['log_loss']:.4f}   ECE {report['ece']:.4f}"]
@@ -251,24 +241,14 @@ def predict_split(config, builder, mesh, model, variables, split: str,
 
 
 def load_variables(workdir: str, config, mesh, checkpoint: str = 'best'):
-  """({'params','batch_stats'}, meta) of the 'best' or 'latest' checkpoint."""
+  """({'params','batch_stats'}, meta) of the 'best' or 'latest' checkpoint,
+  replicated over `mesh`; meta has the checkpoint's step and epoch."""
+  replicated = sharding_lib.replicated(mesh)
   if checkpoint == 'best':
-    return checkpointing.restore_best(workdir, config,
-                                      sharding_lib.replicated(mesh))
-  if checkpoint != 'latest':
-    raise ValueError(f"checkpoint={checkpoint!r}: expected 'best' or 'latest'.")
-  from gender_jax import train  # pylint: disable=g-import-not-at-top
-  ckpt = checkpointing.Checkpointer(workdir)
-  try:
-    restored = ckpt.restore_latest(
-        train.abstract_state(config, models.create_model(config), mesh))
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
-  state, loop = restored
-  return ({'params': state.params, 'batch_stats': state.batch_stats},
-          {'step': int(state.step), **loop})
+    return checkpointing.restore_best(workdir, config, replicated)
+  if checkpoint == 'latest':
+    return checkpointing.restore_latest_variables(workdir, config, replicated)
+  raise ValueError(f"checkpoint={checkpoint!r}: expected 'best' or 'latest'.")
 
 
 def evaluate(workdir: str, data_dir: Optional[str] = None,
@@ -276,6 +256,9 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
              batch_size: Optional[int] = None, max_wrong: int = MAX_WRONG,
              output_dir: Optional[str] = None, mesh=None) -> dict:
   """Evaluates a workdir's model on `split`; writes report + pictures.
+
+  Images stored at another size than the model's are resized (bilinear, as
+  in training) with a warning, and the report says so (`resized`).
 
   Args:
     workdir: a training workdir.
@@ -288,8 +271,14 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
     mesh: default `sharding.make_mesh()`.
 
   Returns:
-    The report (also in report.json), plus 'output_dir', 'files' and the
-    checkpoint 'meta'.
+    The report (also in report.json): the metrics of `classification_report`,
+    what they were computed on (workdir, checkpoint, step, epoch, data_dir,
+    split, dataset_image_size, model_image_size, resized), num_wrong, and the
+    'output_dir' and 'files' written.
+
+  Raises:
+    FileNotFoundError: no workdir, dataset or checkpoint there.
+    cli.UserError: `split` is not in the dataset or has no examples.
   """
   config = checkpointing.read_config(workdir)
   if data_dir:
@@ -299,7 +288,19 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
   config.eval_steps = None                  # Exact: the whole split.
   mesh = mesh or sharding_lib.make_mesh()
   builder = dataset.load_builder(config.data_dir, config.dataset)
-  expected = input_pipeline.num_examples(builder, split)
+  try:
+    expected = input_pipeline.num_examples(builder, split)
+  except ValueError as e:                   # Unknown split or bad slice.
+    raise cli.UserError(f'--split={split!r}: {e}') from e
+  if not expected:
+    raise cli.UserError(f'--split={split!r} has no examples in '
+                        f'{builder.data_dir}.')
+  stored = tuple(input_pipeline.stored_image_size(builder))
+  wanted = tuple(config.image_size)
+  if stored != wanted and jax.process_index() == 0:
+    logging.warning('The dataset at %s stores %dx%d images but the model takes '
+                    '%dx%d: evaluating on resized (bilinear) images.',
+                    builder.data_dir, *stored, *wanted)
   variables, meta = load_variables(workdir, config, mesh, checkpoint)
   model = models.create_model(config)
   labels, logits, worst = predict_split(config, builder, mesh, model,
@@ -308,9 +309,11 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
     raise RuntimeError(f'evaluated {len(labels)} examples of {split!r}, but '
                        f'the split has {expected}.')
   report = classification_report(labels, logits)
-  report.update(split=split, checkpoint=checkpoint,
+  report.update(workdir=workdir, checkpoint=checkpoint,
                 step=int(meta.get('step', 0)), epoch=meta.get('epoch'),
-                num_wrong=worst.count)
+                data_dir=config.data_dir, split=split,
+                dataset_image_size=list(stored), model_image_size=list(wanted),
+                resized=stored != wanted, num_wrong=worst.count)
   output_dir = output_dir or os.path.join(workdir, f'eval_{_slug(split)}')
   files = {}
   if jax.process_index() == 0:
@@ -334,13 +337,13 @@ def _write_outputs(report: dict, worst: _WorstErrors, output_dir: str):
            'confusion_matrix': os.path.join(output_dir, 'confusion_matrix.png'),
            'reliability_diagram': os.path.join(output_dir,
                                                'reliability_diagram.png')}
-  plots.plot_confusion_matrix(report['confusion_matrix'], CLASS_NAMES,
+  plots.plot_confusion_matrix(report['confusion_matrix'], dataset.CLASS_NAMES,
                               files['confusion_matrix'])
   plots.plot_reliability_diagram(report['calibration_bins'], report['ece'],
                                  files['reliability_diagram'])
   images, labels, p_male = worst.sorted()
   files['wrong_predictions'] = plots.plot_wrong_predictions(
-      images, labels, p_male, CLASS_NAMES, output_dir,
+      images, labels, p_male, dataset.CLASS_NAMES, output_dir,
       num_wrong_total=worst.count)
   with open(files['report'], 'w') as f:
     json.dump({**report, 'files': files}, f, indent=2)

@@ -6,10 +6,11 @@ r"""Evaluates a trained model on a whole split and writes report + pictures.
 
 Writes <workdir>/eval_<split>/{report.json, confusion_matrix.png,
 reliability_diagram.png, wrong_predictions*.png, TensorBoard events} and
-prints the report as a table.
+prints the report as a table. A mistake in the flags, workdir, dataset or
+split is one line on stderr and exit status 2.
 """
 
-import sys
+import os
 
 from absl import app
 from absl import flags
@@ -26,24 +27,34 @@ _SPLIT = flags.DEFINE_string('split', 'test', "Split, e.g. 'test', "
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
                                 'Which checkpoint to evaluate.')
 _BATCH_SIZE = flags.DEFINE_integer(
-    'batch_size', None, 'Eval batch size (default: config.eval_batch_size).')
+    'batch_size', None, 'Eval batch size (default: config.eval_batch_size).',
+    lower_bound=1)
 _OUTPUT_DIR = flags.DEFINE_string(
     'output_dir', None, 'Where to write (default: <workdir>/eval_<split>).')
 _MAX_WRONG = flags.DEFINE_integer(
-    'max_wrong', evaluate.MAX_WRONG, 'Most misclassified faces to draw.')
+    'max_wrong', evaluate.MAX_WRONG, 'Most misclassified faces to draw.',
+    lower_bound=0)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; a bad or missing flag is one line on stderr, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cli.fail(os.path.basename(argv[0]), e)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
-  try:
+  # A missing workdir, dataset or checkpoint is a FileNotFoundError that says
+  # which and what to do; an unknown or empty split a cli.UserError.
+  with cli.user_errors(argv[0], FileNotFoundError):
+    if len(argv) > 1:
+      raise cli.UserError(f'unexpected arguments: {argv[1:]}')
     report = evaluate.evaluate(
         _WORKDIR.value, _DATA_DIR.value, _SPLIT.value,
         checkpoint=_CHECKPOINT.value, batch_size=_BATCH_SIZE.value,
         max_wrong=_MAX_WRONG.value, output_dir=_OUTPUT_DIR.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'evaluate.py: {e}')
   print(f"{report['split']}: {report['num_examples']} examples, "
         f"{report['checkpoint']} checkpoint (step {report['step']}, "
         f"epoch {report['epoch']})\n")
@@ -52,4 +63,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -1,23 +1,27 @@
-"""Tests for gender_jax.evaluate: metrics, pictures, exact split coverage."""
+"""Tests for gender_jax.evaluate: metrics, exact split coverage, report, CLI."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 from sklearn import metrics as skm
 
 from gender_jax import checkpointing
+from gender_jax import cli
 from gender_jax import dataset
 from gender_jax import evaluate
 from gender_jax import sharding
 from gender_jax import synthetic
-from predict_test import IMAGE_SIZE
-from predict_test import make_workdir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TF_LOG_LINE = re.compile(r'WARNING: All log messages before absl|[IWE]\d{4} ')
 
 COUNTS = {'Train': (6, 6), 'Validation': (5, 5), 'Test': (19, 18)}
 
@@ -81,6 +85,14 @@ def test_report_edge_cases():
   assert r['log_loss'] == pytest.approx(800.0)
   with pytest.raises(ValueError):
     evaluate.classification_report(np.ones(3), np.ones(2))
+  with pytest.raises(ValueError, match='non-empty'):
+    evaluate.classification_report(np.ones(0), np.ones(0))
+  # One predicted class only: its F1 and the confusion matrix keep both rows.
+  r = evaluate.classification_report(np.array([0, 1, 1]), np.array([1., 2, 3]))
+  assert r['confusion_matrix'] == [[0, 1], [0, 2]]
+  assert r['per_class']['female'] == {'precision': 0.0, 'recall': 0.0,
+                                      'f1': 0.0, 'support': 1}
+  assert r['weighted_f1'] == pytest.approx(2 / 3 * 0.8)
 
 
 def test_worst_errors_keeps_largest_first():
@@ -94,13 +106,14 @@ def test_worst_errors_keeps_largest_first():
 
 
 @pytest.fixture(scope='module')
-def data_and_workdir(tmp_path_factory):
+def data_and_workdir(tmp_path_factory, make_workdir, image_size):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  synthetic.make_tfds_dataset(data_dir, image_size=IMAGE_SIZE, counts=COUNTS)
+  synthetic.make_tfds_dataset(data_dir, image_size=image_size, counts=COUNTS)
   workdir = make_workdir(tmp_path_factory.mktemp('w'))
   return data_dir, workdir
 
 
+@pytest.mark.slow
 def test_every_example_counted_once(data_and_workdir):
   data_dir, workdir = data_and_workdir
   config = checkpointing.read_config(workdir)
@@ -132,6 +145,12 @@ def test_evaluate_writes_report_pictures_and_tensorboard(data_and_workdir):
   with open(os.path.join(out, 'report.json')) as f:
     saved = json.load(f)
   assert saved['num_examples'] == 37 and saved['split'] == 'test'
+  # What it was computed on.
+  assert saved['workdir'] == workdir and saved['data_dir'] == data_dir
+  assert saved['checkpoint'] == 'best'
+  assert (saved['step'], saved['epoch']) == (7, 1)
+  assert saved['dataset_image_size'] == saved['model_image_size'] == [24, 20]
+  assert saved['resized'] is False
   assert saved['accuracy'] == report['accuracy'] >= 0.8
   assert sum(map(sum, saved['confusion_matrix'])) == 37
   for name in ('confusion_matrix.png', 'reliability_diagram.png',
@@ -146,24 +165,31 @@ def test_evaluate_writes_report_pictures_and_tensorboard(data_and_workdir):
                                      'report.json'))
 
 
-def test_latest_checkpoint_and_split_slices(data_and_workdir, tmp_path):
+def test_latest_checkpoint_and_split_slices(data_and_workdir, tmp_path,
+                                            make_workdir, trained_variables,
+                                            monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
   from gender_jax import models, train  # pylint: disable=g-import-not-at-top
-  from predict_test import trained_variables  # pylint: disable=g-import-not-at-top
   data_dir, best_workdir = data_and_workdir
   workdir = make_workdir(tmp_path)
   config = checkpointing.read_config(workdir)
   state = train.create_train_state(config, models.create_model(config),
                                    jax.random.key(0))
-  variables = trained_variables()
+  variables = trained_variables
   state = state.replace(params=variables['params'],
                         batch_stats=variables['batch_stats'], step=5)
   ckpt = checkpointing.Checkpointer(workdir)
   ckpt.save_latest(5, state, {'epoch': 0})
   ckpt.close()
-  latest = evaluate.evaluate(workdir, data_dir, 'test', checkpoint='latest')
+  # Only params and batch_stats are read: no optimizer, no gender_jax.train.
+  import gender_jax  # pylint: disable=g-import-not-at-top
+  with monkeypatch.context() as m:
+    m.delattr(gender_jax, 'train')
+    m.setitem(sys.modules, 'gender_jax.train', None)
+    latest = evaluate.evaluate(workdir, data_dir, 'test', checkpoint='latest')
   best = evaluate.evaluate(best_workdir, data_dir, 'test')
-  assert latest['step'] == 5
+  assert latest['step'] == 5 and latest['epoch'] == 0
+  assert latest['checkpoint'] == 'latest'
   assert latest['log_loss'] == pytest.approx(best['log_loss'], rel=1e-5)
   half = evaluate.evaluate(workdir, data_dir, 'test[:50%]')
   assert half['output_dir'].endswith('eval_test_50pct')
@@ -171,6 +197,8 @@ def test_latest_checkpoint_and_split_slices(data_and_workdir, tmp_path):
   assert half['num_examples'] == want and 15 < want < 22
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_same_report_on_four_devices(data_and_workdir, tmp_path):
   """Sharded over 4 (host-platform) devices: the same numbers as on one."""
   data_dir, workdir = data_and_workdir
@@ -190,3 +218,58 @@ def test_same_report_on_four_devices(data_and_workdir, tmp_path):
   cm, loss = out.rsplit(' ', 1)
   assert json.loads(cm) == one['confusion_matrix']
   assert float(loss) == pytest.approx(one['log_loss'], rel=1e-5)
+
+
+def test_other_image_size_is_resized_with_a_warning(data_and_workdir,
+                                                   tmp_path, monkeypatch):
+  _, workdir = data_and_workdir
+  data_dir = str(tmp_path / 'tfds')
+  synthetic.make_tfds_dataset(data_dir, image_size=(30, 26),
+                              counts={'Train': (1, 1), 'Validation': (1, 1),
+                                      'Test': (3, 3)})
+  warnings = []
+  monkeypatch.setattr(logging, 'warning',
+                      lambda msg, *args: warnings.append(msg % args))
+  report = evaluate.evaluate(workdir, data_dir, 'test',
+                             output_dir=str(tmp_path / 'out'))
+  assert report['num_examples'] == 6
+  assert report['dataset_image_size'] == [30, 26]
+  assert report['model_image_size'] == [24, 20]
+  assert report['resized'] is True
+  assert [w for w in warnings if '30x26' in w and '24x20' in w], warnings
+  with open(tmp_path / 'out' / 'report.json') as f:
+    assert json.load(f)['resized'] is True
+
+
+def test_user_mistakes_are_user_errors(data_and_workdir, tmp_path):
+  data_dir, workdir = data_and_workdir
+  with pytest.raises(cli.UserError, match="'nosuch'.*'test'"):
+    evaluate.evaluate(workdir, data_dir, 'nosuch')
+  with pytest.raises(cli.UserError, match='no examples'):
+    evaluate.evaluate(workdir, data_dir, 'test[:0]')
+  with pytest.raises(FileNotFoundError, match='not a gender_jax workdir'):
+    evaluate.evaluate(str(tmp_path / 'none'), data_dir)
+  with pytest.raises(FileNotFoundError, match='No TFDS dataset'):
+    evaluate.evaluate(workdir, str(tmp_path / 'none'))
+  with pytest.raises(FileNotFoundError, match='No train-state checkpoint'):
+    evaluate.evaluate(workdir, data_dir, checkpoint='latest')
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize('args,message', [
+    (['--workdir=/nonexistent/w'], 'not a gender_jax workdir'),
+    (['--workdir=w', '--checkpoint=worst'], 'should be one of <best|latest>'),
+])
+def test_script_user_mistake_is_one_line_and_status_2(args, message):
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'evaluate.py'), *args],
+      capture_output=True, text=True, cwd=REPO, check=False,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', GENDER_JAX_NO_REEXEC='1'))
+  # TensorFlow's C++ start-up log lines aside (not ours to print).
+  lines = [line for line in out.stderr.splitlines()
+           if line and not TF_LOG_LINE.match(line)]
+  assert out.returncode == 2, out.stderr
+  assert len(lines) == 1, out.stderr
+  assert lines[0].startswith('evaluate.py: error: ') and message in lines[0]
+  assert 'Traceback' not in out.stderr

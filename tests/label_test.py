@@ -11,11 +11,10 @@ from PIL import Image
 from gender_jax import image_io
 from gender_jax import label
 from gender_jax import synthetic
-from predict_test import make_workdir
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, make_workdir):
   return make_workdir(tmp_path_factory.mktemp('w'))
 
 
@@ -116,7 +115,7 @@ def test_resume_refuses_other_arguments(workdir, images, tmp_path):
     run(workdir, images_dir, out)
 
 
-def test_mc_columns_zero_and_positive_dropout(images, tmp_path):
+def test_mc_columns_zero_and_positive_dropout(images, tmp_path, make_workdir):
   images_dir, _ = images
   for dropout in (0.0, 0.3):
     w = make_workdir(tmp_path / f'w{dropout}', dropout=dropout)

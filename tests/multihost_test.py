@@ -22,7 +22,7 @@ from gender_jax import train
 assert train.maybe_initialize_distributed()     # From JAX_* variables.
 import jax, numpy as np
 from gender_jax import dataset, input_pipeline, models, sharding
-from tests.train_test import tiny_config
+from tests.conftest import tiny_train_config as tiny_config
 assert jax.process_count() == 2 and jax.device_count() == 2
 config = tiny_config(data_dir, num_epochs=2, steps_per_epoch=3)
 summary = train.train_and_evaluate(config, workdir)

@@ -1,97 +1,34 @@
-"""Tests for gender_jax.predict (and the tiny trained workdir other tests use)."""
+"""Tests for gender_jax.predict on the tiny trained workdir (tests/conftest.py)."""
 
-import functools
 import io
 import os
 import subprocess
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from gender_jax import checkpointing
-from gender_jax import config_lib
 from gender_jax import models
 from gender_jax import predict
 from gender_jax import synthetic
 
-IMAGE_SIZE = (24, 20)
-CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs', 'x')
-
-
-def tiny_config(dropout=0.3):
-  config = config_lib.load_sibling(CONFIGS, 'stage2.py')
-  config.model = 'tiny'
-  config.image_size = IMAGE_SIZE
-  config.flatten_dropout_rate = dropout
-  config.dropout_rate = dropout
-  config.eval_batch_size = 16
-  return config
-
-
-def synthetic_batch(n, seed):
-  """n synthetic faces at IMAGE_SIZE with labels (half male)."""
-  rng = np.random.default_rng(seed)
-  labels = np.arange(n) % 2
-  images = np.stack([synthetic.face_image(rng, bool(y), IMAGE_SIZE)
-                     for y in labels])
-  return images, labels.astype(np.int32)
-
-
-@functools.lru_cache(maxsize=None)
-def trained_variables(steps=60):
-  """A tiny model trained for a few Adam steps on synthetic faces (cached)."""
-  model = models.create_model(tiny_config())
-  variables = models.init_variables(model, jax.random.key(0), IMAGE_SIZE)
-  params, stats = variables['params'], variables['batch_stats']
-  images, labels = synthetic_batch(128, seed=1)
-  tx = optax.adam(3e-3)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, stats, opt, x, y, key):
-    def loss_fn(p):
-      logits, new = model.apply({'params': p, 'batch_stats': stats}, x,
-                                train=True, mutable=['batch_stats'],
-                                rngs={'dropout': key})
-      return optax.sigmoid_binary_cross_entropy(logits, y).mean(), new
-    (_, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), new['batch_stats'], opt
-
-  for i in range(steps):
-    sl = slice((i * 32) % 128, (i * 32) % 128 + 32)
-    params, stats, opt = step(params, stats, opt, images[sl],
-                              labels[sl].astype(np.float32),
-                              jax.random.key(i))
-  return {'params': params, 'batch_stats': stats}
-
-
-def make_workdir(path, dropout=0.3):
-  """Writes a workdir (config.json + best checkpoint) of the tiny model."""
-  path = str(path)
-  checkpointing.write_config(path, tiny_config(dropout))
-  ckpt = checkpointing.Checkpointer(path)
-  ckpt.save_best(7, trained_variables(), {'epoch': 1, 'step': 7})
-  ckpt.close()
-  return path
-
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, make_workdir):
   return make_workdir(tmp_path_factory.mktemp('w'))
 
 
-def test_trained_model_separates_classes(workdir):
+def test_trained_model_separates_classes(workdir, synthetic_batch):
   images, labels = synthetic_batch(40, seed=9)
   out = predict.Predictor.from_workdir(workdir, batch_size=16).predict(images)
   assert ((out['p_male'] >= 0.5) == labels).mean() >= 0.9
 
 
-def test_predict_matches_model_apply_and_pads(workdir):
+def test_predict_matches_model_apply_and_pads(workdir, synthetic_batch):
   config, model, variables, _ = checkpointing.load_model(workdir)
   images, _ = synthetic_batch(21, seed=2)
   out = predict.Predictor(model, variables, config.image_size,
@@ -114,7 +51,8 @@ def test_mc_statistics_against_numpy():
                              h(p.mean(0)) - h(p).mean(0), atol=1e-5)
 
 
-def test_mc_dropout_zero_rate_has_no_uncertainty(tmp_path):
+def test_mc_dropout_zero_rate_has_no_uncertainty(tmp_path, make_workdir,
+                                                 synthetic_batch):
   workdir = make_workdir(tmp_path, dropout=0.0)
   images, _ = synthetic_batch(10, seed=3)
   out = predict.Predictor.from_workdir(workdir, mc_samples=8,
@@ -125,7 +63,7 @@ def test_mc_dropout_zero_rate_has_no_uncertainty(tmp_path):
 
 
 def test_mc_dropout_positive_rate_is_stochastic_and_deterministic_per_id(
-    workdir):
+    workdir, synthetic_batch):
   images, _ = synthetic_batch(12, seed=4)
   ids = np.arange(100, 112, dtype=np.uint32)
   pred = predict.Predictor.from_workdir(workdir, mc_samples=16, batch_size=8)
@@ -155,13 +93,23 @@ def test_predict_files_reports_broken_files(workdir, tmp_path):
   assert np.isfinite(np.delete(out['p_male'], list(errors))).all()
 
 
-def test_bad_arguments():
+def test_path_ids_hash_the_file_name_bytes():
+  """Any name os.listdir can return has an id: a name that is not valid UTF-8
+  (a str with surrogate escapes) hashes as its original bytes."""
+  name = os.fsdecode(b'Male/latin1_\xe9\xff.jpg')
+  ids = predict.path_ids(['Male/a.jpg', name, b'Male/latin1_\xe9\xff.jpg'])
+  assert ids.dtype == np.uint32
+  assert ids[0] == zlib.crc32(b'Male/a.jpg')
+  assert ids[1] == ids[2] == zlib.crc32(b'Male/latin1_\xe9\xff.jpg')
+
+
+def test_bad_arguments(tiny_config):
   model = models.create_model(tiny_config())
   with pytest.raises(ValueError, match='mc_samples'):
     predict.make_predict_fn(model, mc_samples=0)
 
 
-def test_four_devices_match_one(workdir):
+def test_four_devices_match_one(workdir, synthetic_batch):
   """Batches split over 4 host-platform devices: the same predictions."""
   images, _ = synthetic_batch(10, seed=6)
   one = predict.Predictor.from_workdir(workdir, mc_samples=4,
@@ -169,7 +117,7 @@ def test_four_devices_match_one(workdir):
   code = (
       'import jax, sys, numpy as np\n'
       'sys.path.insert(0, %r)\n'
-      'from predict_test import synthetic_batch\n'
+      'from conftest import synthetic_batch\n'
       'from gender_jax import predict\n'
       'assert jax.local_device_count() == 4\n'
       'p = predict.Predictor.from_workdir(%r, mc_samples=4, batch_size=8)\n'
@@ -185,11 +133,11 @@ def test_four_devices_match_one(workdir):
                              rtol=1e-5, atol=1e-6)
 
 
-def test_mc_samples_share_one_convolutional_trunk():
+def test_mc_samples_share_one_convolutional_trunk(tiny_config, image_size):
   """16 MC samples cost far less than 16 passes: the trunk runs once."""
   model = models.create_model(tiny_config())
-  variables = models.init_variables(model, jax.random.key(0), IMAGE_SIZE)
-  x = np.zeros((8, *IMAGE_SIZE, 3), np.uint8)
+  variables = models.init_variables(model, jax.random.key(0), image_size)
+  x = np.zeros((8, *image_size, 3), np.uint8)
   ids = np.zeros(8, np.uint32)
 
   def flops(mc_samples):

@@ -19,24 +19,10 @@ from gender_jax import models
 from gender_jax import sharding
 from gender_jax import synthetic
 from gender_jax import train
+from conftest import tiny_train_config as tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs', 'default.py')
-
-
-def tiny_config(data_dir, stage='stage1.py', **overrides):
-  config = config_lib.load_sibling(CONFIGS, stage)
-  config.data_dir = str(data_dir)
-  config.model = 'tiny'
-  config.image_size = (24, 20)
-  config.batch_size = 16
-  config.eval_batch_size = 32
-  config.num_epochs = 2
-  config.steps_per_epoch = 6
-  config.log_every_steps = 4
-  for key, value in overrides.items():
-    config[key] = value
-  return config
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -223,7 +209,7 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 import jax, numpy as np
 from jax.sharding import Mesh
 sys.path.insert(0, sys.argv[1])
-from tests.train_test import tiny_config
+from tests.conftest import tiny_train_config as tiny_config
 from gender_jax import models, sharding, train
 assert jax.device_count() == 8, jax.devices()
 results = []
