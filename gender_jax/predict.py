@@ -16,7 +16,7 @@ results do not depend on batch size, batch composition or resumption.
 """
 
 import zlib
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -54,9 +54,17 @@ def mc_statistics(sample_logits) -> Dict[str, jnp.ndarray]:
   }
 
 
-def path_ids(paths: Sequence[str]) -> np.ndarray:
-  """Stable uint32 ids (CRC-32 of the UTF-8 path) for per-image dropout keys."""
-  return np.asarray([zlib.crc32(p.encode('utf-8')) for p in paths], np.uint32)
+def path_ids(paths: Sequence[Union[str, bytes]]) -> np.ndarray:
+  """Stable uint32 ids (CRC-32 of the path's bytes) for per-image dropout keys.
+
+  A str path is hashed as the bytes the file system gave (UTF-8, with the
+  surrogate escapes of a name that is not valid UTF-8 turned back into its
+  original bytes), so every file name has an id, the same on every machine.
+  """
+  return np.asarray(
+      [zlib.crc32(p if isinstance(p, bytes)
+                  else p.encode('utf-8', 'surrogateescape')) for p in paths],
+      np.uint32)
 
 
 def predict_batch(model, variables, images, ids, *, mc_samples: int = 1,
