@@ -1,8 +1,13 @@
 """Tests for gender_jax.label: the resumable folder labeller."""
 
+import contextlib
 import csv
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +15,11 @@ from PIL import Image
 
 from gender_jax import image_io
 from gender_jax import label
+from gender_jax import label_report
+from gender_jax import locking
 from gender_jax import synthetic
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
 
 
 @pytest.fixture(scope='module')
@@ -36,6 +45,20 @@ def run(workdir, images_dir, out, **kwargs):
   kwargs.setdefault('batch_size', 8)
   return label.label_images(workdir, images_dir, str(out), progress=False,
                             **kwargs)
+
+
+@contextlib.contextmanager
+def held_elsewhere(lock_path):
+  """Lock file `lock_path` held by another live process (yields its pid)."""
+  holder = subprocess.Popen([sys.executable, '-c',
+                             'import time; time.sleep(600)'])
+  try:
+    lock_path.write_text(json.dumps(
+        {'host': socket.gethostname(), 'pid': holder.pid, 'started': 0}))
+    yield holder.pid
+  finally:
+    holder.kill()
+    holder.wait()
 
 
 def test_list_images_sorted_recursive_and_filtered(tmp_path):
@@ -242,3 +265,110 @@ def test_interrupted_run_resumes_without_gaps(workdir, images, tmp_path,
   summary = run(workdir, images_dir, out, mc_samples=3)
   assert summary['num_resumed'] == len(partial)
   assert out.read_text() == full.read_text()
+
+
+def test_second_run_on_the_same_output_is_refused(workdir, images, tmp_path):
+  """A live holder of <output>.lock stops the run before it writes."""
+  images_dir, _ = images
+  out = tmp_path / 'l.csv'
+  with held_elsewhere(tmp_path / 'l.csv.lock') as pid:
+    with pytest.raises(locking.LockedError,
+                       match=f'label output .*l.csv is in use by pid {pid}'):
+      run(workdir, images_dir, out)
+  assert not out.exists()
+  run(workdir, images_dir, out)     # The holder is gone: stale lock taken.
+  assert not (tmp_path / 'l.csv.lock').exists()
+
+
+def test_duplicate_rows_are_repaired_on_resume(workdir, images, tmp_path):
+  """Two old-version runs on one output interleaved their rows; the next
+  run keeps each image's first row, atomically, and says how many went."""
+  images_dir, _ = images
+  full = tmp_path / 'full.csv'
+  run(workdir, images_dir, full, mc_samples=3)
+  lines = full.read_text().splitlines(keepends=True)
+  dup = tmp_path / 'dup.csv'
+  dup.write_text(''.join(lines[:10] + lines[:1] + lines[1:6] + lines[10:]
+                         + lines[3:8]))
+  os.link(str(full) + '.args.json', str(dup) + '.args.json')
+  summary = run(workdir, images_dir, dup, mc_samples=3)
+  assert summary['num_rows_dropped'] == 1 + 5 + 5
+  assert summary['num_labelled_now'] == 0
+  assert dup.read_text() == full.read_text()
+  assert not os.path.exists(label.output_paths(str(dup))['repair'])
+  assert run(workdir, images_dir, dup, mc_samples=3)['num_rows_dropped'] == 0
+
+
+def test_file_names_that_are_not_utf8(workdir, images, tmp_path):
+  """Old shares' latin-1 names: labelled, written byte for byte, resumed."""
+  images_dir, _ = images
+  folder = tmp_path / 'imgs'
+  shutil.copytree(images_dir, folder)
+  name = b'latin1_\xe9\xff.jpg'
+  with open(os.fsencode(folder / 'Male') + b'/' + name, 'wb') as f:
+    f.write((folder / 'Male' / sorted(os.listdir(folder / 'Male'))[0])
+            .read_bytes())
+  out = tmp_path / 'l.csv'
+  summary = run(workdir, str(folder), out, mc_samples=3, per_directory=True)
+  raw = out.read_bytes()
+  assert b'\nMale/' + name + b',' in raw
+  rows = list(label_report.read_rows(str(out)))
+  mine = [r for r in rows if r['path'] == 'Male/' + os.fsdecode(name)]
+  assert len(mine) == 1 and not mine[0]['error']
+  assert 0 <= float(mine[0]['mc_mean']) <= 1
+  assert os.path.exists(summary['mislabels_png'])
+  again = run(workdir, str(folder), out, mc_samples=3, per_directory=True)
+  assert again['num_labelled_now'] == 0 and again['num_rows_dropped'] == 0
+  assert out.read_bytes() == raw
+
+
+def test_outputs_are_never_inputs(workdir, images, tmp_path):
+  """--output inside --images: its CSV, sidecars, summaries and picture are
+  not labelled by the next run (nor rows of them left by an old version)."""
+  images_dir, _ = images
+  folder = tmp_path / 'imgs'
+  shutil.copytree(images_dir, folder)
+  out = folder / 'Male' / 'labels.csv'
+  first = run(workdir, str(folder), out, per_directory=True)
+  png = 'Male/labels_mislabels.png'
+  assert os.path.exists(first['mislabels_png'])
+  with open(out, 'a') as f:    # The row an old version wrote for the picture.
+    f.write(f'{png},0.5,male,\n')
+  second = run(workdir, str(folder), out, per_directory=True)
+  assert second['num_files'] == first['num_files']
+  assert second['num_rows_dropped'] == 1
+  assert all('labels' not in r['path'] for r in read_csv(out))
+  # Every output file is excluded, whatever its name and location.
+  odd = folder / 'a' / 'b.png'
+  assert label.own_outputs(str(folder), label.output_paths(str(odd))) == {
+      'a/b.png', 'a/b.png.args.json', 'a/b.png.lock', 'a/b.png.repair.tmp',
+      'a/b.png_per_directory.csv', 'a/b.png_flagged.csv',
+      'a/b.png_mislabels.csv', 'a/b.png_mislabels.png'}
+  assert label.own_outputs(str(folder / 'Male'),
+                           label.output_paths(str(tmp_path / 'x.csv'))) == set()
+
+
+def test_script_user_errors_are_one_line_exit_2(workdir, images, tmp_path):
+  """Missing workdir or folder, bad flags, a held lock: one line, status 2."""
+  images_dir, _ = images
+  out = str(tmp_path / 'l.csv')
+  ok = [f'--workdir={workdir}', f'--images={images_dir}', f'--output={out}']
+  cases = {
+      'not a gender_jax workdir': [f'--workdir={tmp_path / "none"}'] + ok[1:],
+      'is not a directory': ok[:1] + [f'--images={tmp_path / "none"}'] + ok[2:],
+      'mc_samples': ok + ['--mc_samples=0'],
+      '--output must have a value': ok[:2],
+      'unexpected arguments': ok + ['extra'],
+      'in use by pid': ok,
+  }
+  env = dict(os.environ, JAX_PLATFORMS='cpu', GENDER_JAX_NO_REEXEC='1')
+  with held_elsewhere(tmp_path / 'l.csv.lock'):
+    for expected, args in cases.items():
+      result = subprocess.run(
+          [sys.executable, os.path.join(REPO, 'scripts', 'label.py')] + args,
+          capture_output=True, text=True, env=env, timeout=300, check=False)
+      assert result.returncode == 2, (expected, result.stderr)
+      assert result.stderr.count('\n') == 1, (expected, result.stderr)
+      assert result.stderr.startswith('label.py: error: ')
+      assert expected in result.stderr, (expected, result.stderr)
+  assert not os.path.exists(out)
