@@ -131,6 +131,24 @@ def make_predict_fn(model, mc_samples: int = 1, seed: int = 0,
   return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=rep)
 
 
+RUNTIMES = ('jax', 'onnxruntime')
+
+
+def _check_runtime(runtime: str, mc_samples: int) -> None:
+  if runtime not in RUNTIMES:
+    raise ValueError(f'runtime={runtime!r}: expected one of {RUNTIMES}.')
+  if runtime == 'onnxruntime':
+    if mc_samples != 1:
+      raise ValueError(f'mc_samples={mc_samples} with runtime=onnxruntime: '
+                       'MC-Dropout runs only in JAX (runtime=jax).')
+    try:
+      import onnxruntime  # pylint: disable=g-import-not-at-top,unused-import
+      import onnx  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise ValueError(f'runtime=onnxruntime needs onnx and onnxruntime ({e}): '
+                       "pip install '.[onnx]'.") from e
+
+
 class Predictor:
   """A trained model ready for inference on numpy batches of any length.
 
@@ -138,11 +156,17 @@ class Predictor:
     predictor = Predictor.from_workdir('runs/stage2', mc_samples=20)
     out = predictor.predict(images_uint8)        # dict of (N,) numpy arrays
     out, errors = predictor.predict_files(paths)
+
+  ``runtime='onnxruntime'`` runs the deterministic pass (mc_samples=1 only)
+  on the model exported by `gender_jax.onnx_export`, built in memory from
+  the same variables, instead of XLA.
   """
 
   def __init__(self, model, variables, image_size, *, mc_samples: int = 1,
                batch_size: int = 64, seed: int = 0,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, runtime: str = 'jax'):
+    _check_runtime(runtime, mc_samples)
+    self.runtime = runtime
     self.model = model
     self.image_size = tuple(image_size)
     self.mc_samples = mc_samples
@@ -159,6 +183,10 @@ class Predictor:
          'batch_stats': variables['batch_stats']},
         sharding_lib.replicated(self.mesh))
     self._fn = make_predict_fn(model, mc_samples, seed, self.mesh)
+    self._onnx = None
+    if runtime == 'onnxruntime':
+      from gender_jax import onnx_predict  # pylint: disable=g-import-not-at-top
+      self._onnx = onnx_predict.OnnxModel.from_variables(variables, image_size)
     self._data = sharding_lib.data_sharding(self.mesh)
     self.meta = {}      # The checkpoint's meta (step, epoch...) if known.
 
@@ -176,7 +204,10 @@ class Predictor:
     return ('logit', 'p_male') + (MC_KEYS if self.mc_samples > 1 else ())
 
   def dispatch(self, images: np.ndarray, ids: np.ndarray):
-    """Starts one full batch (exactly batch_size) on the devices, async."""
+    """Starts one full batch (exactly batch_size) on the devices, async
+    (ONNX Runtime: runs it and returns numpy arrays)."""
+    if self._onnx is not None:
+      return self._onnx(images)
     images = jax.device_put(images, self._data)
     ids = jax.device_put(np.asarray(ids, np.uint32), self._data)
     return self._fn(self.variables, images, ids)

@@ -17,6 +17,7 @@ from gender_jax import config_lib
 from gender_jax import models
 from gender_jax import onnx_export
 from gender_jax import onnx_predict
+from gender_jax import predict
 from gender_jax import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,21 @@ def test_exported_workdir_equals_jax(tmp_path, make_workdir, synthetic_batch,
   got = onnx_predict.OnnxModel(output)(images)
   _assert_close(got, logits, p)
   assert ((got['p_male'] >= 0.5) == labels).mean() >= 0.9
+
+
+def test_predictor_onnxruntime_equals_jax(tmp_path, make_workdir,
+                                          synthetic_batch):
+  workdir = make_workdir(tmp_path / 'w')
+  images, _ = synthetic_batch(21, seed=6)
+  want = predict.Predictor.from_workdir(workdir, batch_size=8).predict(images)
+  predictor = predict.Predictor.from_workdir(workdir, batch_size=8,
+                                             runtime='onnxruntime')
+  got = predictor.predict(images)
+  assert set(got) == {'logit', 'p_male'} and got['p_male'].shape == (21,)
+  _assert_close(got, want['logit'], want['p_male'])
+  with pytest.raises(ValueError, match='MC-Dropout runs only in JAX'):
+    predict.Predictor.from_workdir(workdir, mc_samples=4,
+                                   runtime='onnxruntime')
 
 
 def test_fold_batchnorm_against_formula():
