@@ -31,6 +31,8 @@ def get_config():
   c.flatten_dropout_rate = 0.3
   c.dropout_rate = 0.0               # Stage-2 dropout before the output layer.
   c.compute_dtype = 'float32'        # 'float32' or 'bfloat16'.
+  c.kernels = 'auto'                 # Conv blocks: 'plain' flax layers, 'cpu' kernels
+                                     # (gender_jax/cpu_kernels.py), 'auto': cpu on CPU.
 
   # Augmentation (stage 1; Keras preprocessing-layer factors).
   c.augment = True

@@ -49,6 +49,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "'cnn' or 'tiny'")
   _check(e, config.compute_dtype in ('float32', 'bfloat16'), 'compute_dtype',
          config.compute_dtype, "'float32' or 'bfloat16'")
+  _check(e, config.kernels in ('auto', 'plain', 'cpu'), 'kernels',
+         config.kernels, "'auto', 'plain' or 'cpu'")
   _check(e, config.learning_rate > 0, 'learning_rate', config.learning_rate,
          'a float > 0')
   _check(e, 0 < config.min_learning_rate <= config.learning_rate,

@@ -1,22 +1,23 @@
-"""Tests of gender_jax.models: sizes, modes, and the fast CPU paths' math."""
+"""Tests of gender_jax.models: the plain Flax architecture (sizes, modes) and
+the choice of block layers (config.kernels)."""
 
 import functools
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from gender_jax import cpu_kernels
 from gender_jax import models
 
 
-def _config(model='tiny', **kw):
+def _config(model='tiny', kernels='plain', **kw):
   c = ml_collections.ConfigDict(dict(
       model=model, flatten_dropout_rate=0.3, dropout_rate=0.0,
-      compute_dtype='float32'))
+      compute_dtype='float32', kernels=kernels))
   c.update(kw)
   return c
 
@@ -40,6 +41,9 @@ def test_output_shape_and_dtype():
   images = np.zeros((3, 20, 16, 3), np.uint8)
   logits = model.apply(variables, images)
   assert logits.shape == (3,) and logits.dtype == jnp.float32
+  bf16 = models.create_model(_config(compute_dtype='bfloat16'))
+  logits = bf16.apply(variables, images)
+  assert logits.shape == (3,) and logits.dtype == jnp.float32
 
 
 def test_batch_stats_change_in_train_mode_only():
@@ -60,7 +64,7 @@ def test_batch_stats_change_in_train_mode_only():
   assert all(changed)
 
 
-def test_dropout_only_with_train_and_rng():
+def test_dropout_only_with_train_or_mc_dropout_and_rng():
   model = models.create_model(_config(flatten_dropout_rate=0.5,
                                       dropout_rate=0.5))
   variables = models.init_variables(model, jax.random.key(0), (20, 16))
@@ -74,211 +78,86 @@ def test_dropout_only_with_train_and_rng():
   assert not np.allclose(train(1), train(2))
   with pytest.raises(Exception):
     model.apply(variables, images, train=True, mutable=['batch_stats'])
+  # MC-Dropout: dropout on, BatchNorm on running averages (nothing mutable).
+  def mc(seed):
+    return model.apply(variables, images, mc_dropout=True,
+                       rngs={'dropout': jax.random.key(seed)})
+  np.testing.assert_array_equal(mc(1), mc(1))
+  assert not np.allclose(mc(1), mc(2))
 
 
-def _plain_bn_swish_pool(x, scale, bias):
-  """nn.BatchNorm (batch statistics) -> nn.swish -> nn.max_pool, as a reference."""
-  bn = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3)
-  y, updates = bn.apply(
-      {'params': {'scale': scale, 'bias': bias},
-       'batch_stats': {'mean': jnp.zeros_like(scale),
-                       'var': jnp.ones_like(scale)}},
-      x, mutable=['batch_stats'])
-  pooled = nn.max_pool(nn.swish(y), (2, 2), (2, 2), 'VALID')
-  return pooled, updates['batch_stats']
+def test_the_block_is_flax_conv_batchnorm_swish_pool():
+  """One plain block, against the four flax layers written out."""
+  block = models.ConvBlock(6, 3)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 9, 4)),
+                  jnp.float32)
+  variables = block.init(jax.random.key(0), x, train=False)
+  conv = nn.Conv(6, (3, 3), padding='SAME', use_bias=False)
+  norm = nn.BatchNorm(use_running_average=True, momentum=models.BN_MOMENTUM,
+                      epsilon=models.BN_EPSILON)
+  y = conv.apply({'params': variables['params']['Conv_0']}, x)
+  y = norm.apply({'params': variables['params']['BatchNorm_0'],
+                  'batch_stats': variables['batch_stats']['BatchNorm_0']}, y)
+  expected = nn.max_pool(nn.swish(y), (2, 2), (2, 2), 'VALID')
+  out = block.apply(variables, x, train=False)
+  assert out.shape == (2, 3, 4, 6)
+  np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+  # He-normal kernel: std sqrt(2 / fan_in) (truncated normal).
+  kernel = models.init_variables(models.create_model(_config('cnn')),
+                                 jax.random.key(0), (32, 32))['params'][
+                                     'ConvBlock_1']['Conv_0']['kernel']
+  assert abs(float(jnp.std(kernel)) / np.sqrt(2 / (3 * 3 * 32)) - 1) < 0.05
 
 
-def _to_blocks(x):
-  n, h, w, c = x.shape
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(
-      n, h // 2, w // 2, 4, c)
+def _train_jaxprs(config, image_size=(20, 16)):
+  """jaxpr texts of a train-mode apply and of its value_and_grad."""
+  model = models.create_model(config)
+  variables = models.init_variables(model, jax.random.key(0), image_size)
+  images = jnp.zeros((2, *image_size, 3), jnp.float32)
+
+  def loss(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, images,
+        train=True, rngs={'dropout': jax.random.key(1)},
+        mutable=['batch_stats'])
+    return jnp.sum(logits), updates
+
+  return (str(jax.make_jaxpr(loss)(variables['params'])),
+          str(jax.make_jaxpr(jax.value_and_grad(loss, has_aux=True))(
+              variables['params'])))
 
 
-@pytest.mark.parametrize('shape,blocks', [((2, 8, 6, 3), False),
-                                          ((2, 7, 9, 4), False),
-                                          ((1, 5, 5, 2), False),
-                                          ((2, 8, 6, 3), True)])
-def test_bn_swish_pool_matches_plain_layers_with_gradients(shape, blocks):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32)
-  scale = jnp.asarray(rng.uniform(-2, 2, shape[-1]), jnp.float32)
-  bias = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
-  r = jnp.asarray(rng.standard_normal(
-      (shape[0], shape[1] // 2, shape[2] // 2, shape[3])), jnp.float32)
-  layout = _to_blocks if blocks else lambda v: v
-
-  def loss(x, scale, bias):
-    out, mean, var = models.bn_swish_pool(layout(x), scale, bias, 1e-3, blocks)
-    return jnp.sum(out * r), (out, mean, var)
-
-  def loss_ref(x, scale, bias):
-    out, stats = _plain_bn_swish_pool(x, scale, bias)
-    return jnp.sum(out * r), (out, stats)
-
-  g, (out, mean, var) = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(
-      x, scale, bias)
-  g_ref, (out_ref, stats) = jax.jit(jax.grad(loss_ref, (0, 1, 2),
-                                             has_aux=True))(x, scale, bias)
-  np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
-  # Running averages after one step: 0.99 * init + 0.01 * batch statistic.
-  np.testing.assert_allclose(0.01 * mean, stats['mean'], rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(0.99 + 0.01 * var, stats['var'], rtol=1e-6)
-  for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+def test_plain_kernels_train_step_has_no_custom_vjp():
+  forward, step = _train_jaxprs(_config(kernels='plain'))
+  assert 'custom_vjp' not in forward and 'custom_vjp' not in step
+  # Differentiation inlines a custom VJP's rules, so the check that can see
+  # one is on the differentiated function: the CPU kernels' has them.
+  assert 'custom_vjp' in _train_jaxprs(_config(kernels='cpu'))[0]
 
 
-def test_bn_swish_pool_ties_go_to_the_first_maximum():
-  """Equal inputs in a window: the gradient goes to the first, like XLA's pool."""
-  x = jnp.asarray(np.repeat([[[[0.5]]], [[[-0.5]]]], 2, axis=1).repeat(2, 2),
-                  jnp.float32)                      # (2, 2, 2, 1), windows of ties
-  ones = jnp.ones((1,))
-
-  def grad(fn):
-    return jax.grad(lambda x: jnp.sum(fn(x) * jnp.asarray([[[[1.]]], [[[2.]]]])))(x)
-
-  g = grad(lambda x: models.bn_swish_pool(x, ones, ones, 1e-3, False)[0])
-  g_ref = grad(lambda x: _plain_bn_swish_pool(x, ones, ones)[0])
-  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
-  assert np.count_nonzero(g[0, :, :, 0] - g[0, 1, 1, 0]) == 1   # only [0, 0] differs
-
-
-def test_bn_swish_pool_gradient_survives_recomputation_rounding():
-  """The backward pass recomputes the activations, maybe in another XLA fusion
-  that rounds differently: a pooled value a few ulps off must not move the
-  gradient (the first plain reshape-max pool lost it that way)."""
-  rng = np.random.default_rng(1)
-  y = jnp.asarray(rng.standard_normal((2, 6, 4, 3)) * 2, jnp.float32)
-  scale = jnp.asarray([1.5, -0.7, 0.3], jnp.float32)
-  bias = jnp.asarray([0.1, 0.2, -0.3], jnp.float32)
-  g = jnp.asarray(rng.standard_normal((2, 3, 2, 3)), jnp.float32)
-  _, res = models._bn_swish_pool_fwd(y, scale, bias, 1e-3, False)
-  exact = models._bn_swish_pool_bwd(1e-3, False, res, (g, None, None))
-  pooled = res[1]
-  for ulps in (3, -3):
-    off = pooled
-    for _ in range(abs(ulps)):
-      off = jnp.nextafter(off, jnp.inf if ulps > 0 else -jnp.inf)
-    grads = models._bn_swish_pool_bwd(1e-3, False, (res[0], off, *res[2:]),
-                                      (g, None, None))
-    for a, b in zip(grads, exact):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize('backend,expected', [('cpu', 'cpu'), ('gpu', 'plain'),
+                                              ('tpu', 'plain')])
+def test_auto_kernels_are_cpu_kernels_on_cpu_only(monkeypatch, backend,
+                                                  expected):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert models.resolve_kernels('auto') == expected
+  model = models.create_model(_config(kernels='auto'))
+  if expected == 'cpu':
+    assert (model.conv, model.norm) == (cpu_kernels.Conv,
+                                        cpu_kernels.BatchNormSwishPool)
+    assert model.norm_applies_swish_pool
+  else:
+    assert (model.conv, model.norm) == (nn.Conv, nn.BatchNorm)
+    assert not model.norm_applies_swish_pool
+  # Explicit choices hold on every backend; a config without the field
+  # (an old workdir's) means 'auto'.
+  assert models.create_model(_config(kernels='plain')).conv is nn.Conv
+  assert models.create_model(_config(kernels='cpu')).conv is cpu_kernels.Conv
+  old = _config()
+  del old['kernels']
+  assert models.create_model(old).conv is model.conv
 
 
-def test_batch_norm_swish_pool_eval_uses_running_averages():
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2, 6, 4, 3)), jnp.float32)
-  module = models.BatchNormSwishPool()
-  variables = module.init(jax.random.key(0), x, train=False)
-  variables = jax.tree.map(
-      lambda v: jnp.asarray(rng.uniform(0.5, 2, v.shape), jnp.float32), variables)
-  ref = nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=1e-3)
-  expected = nn.max_pool(nn.swish(ref.apply(variables, x)), (2, 2), (2, 2), 'VALID')
-  np.testing.assert_allclose(module.apply(variables, x, train=False), expected,
-                             rtol=1e-6, atol=1e-6)
-  blocked = models.BatchNormSwishPool(blocks=True).apply(
-      variables, _to_blocks(x), train=False)
-  np.testing.assert_allclose(blocked, expected, rtol=1e-6, atol=1e-6)
-
-
-def _lax_same(x, k):
-  return lax.conv_general_dilated(x, k, (1, 1), 'SAME',
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-# Input channels below and above models._WGRAD_CONV_MIN_CHANNELS: both CPU
-# weight-gradient forms; k=2 has uneven 'same' padding.
-@pytest.mark.parametrize('x_shape,k', [((5, 9, 7, 3), 5), ((4, 6, 5, 8), 3),
-                                       ((2, 4, 4, 16), 1), ((3, 6, 5, 32), 3),
-                                       ((2, 5, 4, 40), 2), ((2, 5, 4, 8), 2)])
-def test_conv2d_same_matches_lax_with_gradients(x_shape, k):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((k, k, x_shape[-1], 6)), jnp.float32)
-  r = jnp.asarray(rng.standard_normal((*x_shape[:3], 6)), jnp.float32)
-  np.testing.assert_allclose(models.conv2d_same(x, w), _lax_same(x, w),
-                             rtol=1e-5, atol=1e-5)
-  loss = lambda conv, x, w: jnp.sum(conv(x, w) * r)
-  g = jax.jit(jax.grad(functools.partial(loss, models.conv2d_same),
-                       argnums=(0, 1)))(x, w)
-  g_ref = jax.grad(functools.partial(loss, _lax_same), argnums=(0, 1))(x, w)
-  for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize('k', [3, 5])
-def test_space_to_depth_conv_matches_lax_with_gradients(k):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((3, 10, 8, 3)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((k, k, 3, 4)), jnp.float32)
-
-  def unblock(y):
-    n, h2, w2, _, f = y.shape
-    return y.reshape(n, h2, w2, 2, 2, f).transpose(0, 1, 3, 2, 4, 5).reshape(
-        n, 2 * h2, 2 * w2, f)
-
-  np.testing.assert_allclose(unblock(models.conv2d_same_s2d(x, w)),
-                             _lax_same(x, w), rtol=1e-5, atol=1e-5)
-  r = jnp.asarray(rng.standard_normal((3, 10, 8, 4)), jnp.float32)
-  g = jax.jit(jax.grad(lambda x, w: jnp.sum(
-      unblock(models.conv2d_same_s2d(x, w)) * r), argnums=(0, 1)))(x, w)
-  g_ref = jax.grad(lambda x, w: jnp.sum(_lax_same(x, w) * r),
-                   argnums=(0, 1))(x, w)
-  for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-
-
-class _PlainBlock(nn.Module):
-  """The straightforward Flax block (nn.Conv, nn.max_pool), as a reference."""
-  features: int
-  kernel_size: int
-
-  @nn.compact
-  def __call__(self, x, train):
-    x = nn.Conv(self.features, (self.kernel_size,) * 2, padding='SAME',
-                use_bias=False)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.99,
-                     epsilon=1e-3)(x)
-    return nn.max_pool(nn.swish(x), (2, 2), (2, 2), 'VALID')
-
-
-class _PlainCNN(models.GenderCNN):
-  """GenderCNN with the plain block (same variable tree)."""
-
-  @nn.compact
-  def __call__(self, images, train=False, mc_dropout=False):
-    x = jnp.asarray(images, jnp.float32) / 255.0
-    for i, (f, k) in enumerate(zip(self.filters, self.kernel_sizes)):
-      x = _PlainBlock(f, k, name=f'ConvBlock_{i}')(x, train)
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dropout(self.flatten_dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.hidden_units, use_bias=False)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.99,
-                     epsilon=1e-3)(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.swish(x))
-    return nn.Dense(1)(x)[:, 0]
-
-
-@pytest.mark.parametrize('image_size', [(40, 36), (26, 22)])
-def test_model_train_gradients_match_plain_flax(image_size):
-  """Whole tiny model, jitted train step gradients and batch_stats."""
-  kw = dict(filters=(4, 8, 8, 8), kernel_sizes=(5, 3, 3, 3), hidden_units=16)
-  fast, plain = models.GenderCNN(**kw), _PlainCNN(**kw)
-  variables = models.init_variables(fast, jax.random.key(0), image_size)
-  assert (jax.tree.map(jnp.shape, variables) == jax.tree.map(
-      jnp.shape, plain.init(jax.random.key(0), jnp.zeros((1, *image_size, 3)))))
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (4, *image_size, 3)).astype(np.uint8)
-  labels = jnp.asarray([0., 1., 1., 0.])
-
-  def grads(model):
-    def loss(params):
-      logits, updates = model.apply(
-          {'params': params, 'batch_stats': variables['batch_stats']}, images,
-          train=True, rngs={'dropout': jax.random.key(1)},
-          mutable=['batch_stats'])
-      return jnp.mean((logits - labels) ** 2), updates
-    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
-
-  (g, s), (g_ref, s_ref) = grads(fast), grads(plain)
-  for a, b in zip(jax.tree.leaves((g, s)), jax.tree.leaves((g_ref, s_ref))):
-    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+def test_unknown_kernels_fail_with_the_choices():
+  with pytest.raises(ValueError, match="config.kernels='gpu'.*'auto', 'plain', 'cpu'"):
+    models.create_model(_config(kernels='gpu'))
