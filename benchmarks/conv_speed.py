@@ -4,7 +4,7 @@ For the four convolutions of the original CNN at the benchmark's sizes
 (218x178; the first one in its 2x2 space-to-depth form, as the model runs
 it) this times, jitted and warm, the median of --repeats calls of:
   forward at the inference batch; forward, input gradient and kernel
-  gradient (the model's own CPU forms, `gender_jax.models.conv2d`) at the
+  gradient (the CPU kernels' forms, `gender_jax.cpu_kernels.conv2d`) at the
   train batch;
 and prints each with its GFLOP/s next to a float32 4096x4096 matmul, XLA's
 best case on this machine. The last lines are the model's floor: its
@@ -27,7 +27,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from gender_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gender_jax import cpu_kernels  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # (input H, W, C, output F, kernel k, space-to-depth) of the model's convs at
 # 218x178; the first one runs as a 12 -> 128 3x3 conv on 109x89 blocks.
@@ -68,7 +68,7 @@ def main():
   rng = np.random.default_rng(0)
   total_fwd_ms = 0.0
   for h, w, c, f, k, s2d in LAYERS:
-    conv = models.conv2d_same_s2d if s2d else models.conv2d_same
+    conv = cpu_kernels.conv2d_same_s2d if s2d else cpu_kernels.conv2d_same
     kernel = jnp.asarray(rng.standard_normal((k, k, c, f)) * 0.1, jnp.float32)
     row = [f'conv {h}x{w} {c}->{f} {k}x{k}{" (s2d)" if s2d else ""}:']
     for name, batch in (('infer', args.infer_batch), ('train', args.train_batch)):

@@ -14,12 +14,16 @@ gender_jax adds its XLA:CPU flags to XLA_FLAGS unless XLA_FLAGS already sets
 them). Then the labeler
 (`gender_jax.label.label_images`, decoding included) runs over a folder of
 JPEGs and is compared with model-only inference at the same batch size.
+With the onnx extra, ONNX Runtime on the exported model (`onnx_export`) is
+timed against Keras the same way (`onnx_infer_ratio=`) and the labeler runs
+with each runtime.
 
   python benchmarks/speed.py                      # 218x178, train 32, infer 64
   python benchmarks/speed.py --images_dir=/work/shared/data/gender-faces/Test
 
 The last two lines are `train_ratio=` and `infer_ratio=` (JAX / Keras
-images per second; above 1 means JAX is faster).
+images per second; above 1 means JAX is faster). --kernels=plain times the
+plain Flax layers instead of the CPU kernels (config.kernels).
 """
 
 import argparse
@@ -56,7 +60,7 @@ from gender_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-imp
 from gender_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def project_config(image_size, batch_size, compute_dtype):
+def project_config(image_size, batch_size, compute_dtype, kernels='auto'):
   """configs/default.py with the benchmark's sizes (no augmentation)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = config_lib.load_sibling(os.path.join(root, 'configs', 'x.py'),
@@ -65,6 +69,7 @@ def project_config(image_size, batch_size, compute_dtype):
   config.batch_size = batch_size
   config.augment = False
   config.compute_dtype = compute_dtype
+  config.kernels = kernels
   return config
 
 
@@ -183,8 +188,10 @@ def write_jpegs(directory, count, image_size, seed=0):
     image.save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
 
 
-def labeler_speed(jax_side, images_dir, batch_size, workdir, repeats=3):
-  """label_images' images/s (decode included, compile excluded).
+def labeler_speed(jax_side, images_dir, batch_size, workdir, repeats=3,
+                  runtime='jax'):
+  """label_images' images/s (decode included, compile excluded) with the
+  Predictor's `runtime` ('jax' or 'onnxruntime').
 
   The median of `repeats` full runs (each into a new CSV): one run over a
   few hundred images lasts about two seconds, short enough for a passing
@@ -193,7 +200,7 @@ def labeler_speed(jax_side, images_dir, batch_size, workdir, repeats=3):
   checkpointing.write_config(workdir, jax_side.config)
   predictor = predict.Predictor(jax_side.model, jax_side.variables(),
                                 jax_side.config.image_size,
-                                batch_size=batch_size)
+                                batch_size=batch_size, runtime=runtime)
   rates = []
   for i in range(repeats):
     summary = label.label_images(workdir, images_dir,
@@ -201,6 +208,28 @@ def labeler_speed(jax_side, images_dir, batch_size, workdir, repeats=3):
                                  predictor=predictor, progress=False)
     rates.append(summary['images_per_second'])
   return statistics.median(rates), summary['num_labelled_now']
+
+
+def onnx_speed(jax_side, keras_side, repeats, warmup):
+  """ONNX Runtime against Keras inference on the same batch, interleaved.
+
+  The ONNX model is exported in memory from the JAX side's variables
+  (`gender_jax.onnx_export`); ONNX Runtime uses its default threads (the
+  cores). Returns {'onnx_infer', 'keras_infer'} images per second (medians).
+  """
+  from gender_jax import onnx_predict  # pylint: disable=g-import-not-at-top
+  images = keras_side.infer_x.astype(np.uint8)
+  model = onnx_predict.OnnxModel.from_variables(jax_side.variables(),
+                                                jax_side.config.image_size)
+  fns = {'onnx_infer': lambda: model(images), 'keras_infer': keras_side.infer}
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {n: [] for n in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      times[name].append(timed(fn))
+  return {n: len(images) / statistics.median(t) for n, t in times.items()}
 
 
 def main():
@@ -212,11 +241,16 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--compute_dtype', default='float32',
                       choices=('float32', 'bfloat16'))
+  parser.add_argument('--kernels', default='auto',
+                      choices=('auto', 'plain', 'cpu'),
+                      help='config.kernels: the model\'s block layers.')
   parser.add_argument('--images_dir', default='',
                       help='Folder for the labeler (default: generated JPEGs).')
   parser.add_argument('--num_images', type=int, default=512,
                       help='Generated JPEGs when --images_dir is not given.')
   parser.add_argument('--skip_labeler', action='store_true')
+  parser.add_argument('--skip_onnx', action='store_true',
+                      help='Skip ONNX Runtime (needs the onnx extra).')
   parser.add_argument('--profile', action='store_true',
                       help='Also print the top XLA ops of a train step and '
                       'an inference batch (HLO: dump with XLA_FLAGS='
@@ -231,10 +265,12 @@ def main():
   train_y = rng.integers(0, 2, (args.train_batch,)).astype(np.int32)
   infer_x = rng.integers(0, 256, (args.infer_batch, *image_size, 3), np.uint8)
 
-  config = project_config(image_size, args.train_batch, args.compute_dtype)
+  config = project_config(image_size, args.train_batch, args.compute_dtype,
+                          args.kernels)
   jax_side = JaxSide(config, train_x, train_y, infer_x)
   keras_side = KerasSide(image_size, train_x, train_y, infer_x)
   print(f'jax {jax.__version__} on {jax.devices()[0].platform} '
+        f'(kernels {models.resolve_kernels(args.kernels)}) '
         f'({threads} threads, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}, '
         f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}); '
         f'TF intra-op threads {threads}; load average {os.getloadavg()}')
@@ -270,10 +306,23 @@ def main():
         write_jpegs(images_dir, args.num_images, image_size)
       label_rate, count = labeler_speed(jax_side, images_dir, args.infer_batch,
                                         os.path.join(tmp, 'workdir'))
+      if not args.skip_onnx:
+        onnx_label_rate, _ = labeler_speed(
+            jax_side, images_dir, args.infer_batch,
+            os.path.join(tmp, 'workdir_onnx'), runtime='onnxruntime')
+        print(f'labeler --runtime=onnxruntime: {onnx_label_rate:.1f} img/s '
+              f'end to end over {count} images')
     model_rate = rate['jax_infer']
     print(f'labeler: {label_rate:.1f} img/s end to end over {count} images '
           f'(decode included) vs model-only {model_rate:.1f} img/s')
     print(f'label_ratio={label_rate / model_rate:.3f}')
+  if not args.skip_onnx:
+    onnx_rate = onnx_speed(jax_side, keras_side, args.repeats, args.warmup)
+    print(f'onnx_infer: {onnx_rate["onnx_infer"]:.1f} img/s, keras_infer '
+          f'{onnx_rate["keras_infer"]:.1f} img/s (interleaved, batch '
+          f'{args.infer_batch}); load average {os.getloadavg()}')
+    print(f'onnx_infer_ratio='
+          f'{onnx_rate["onnx_infer"] / onnx_rate["keras_infer"]:.3f}')
   print(f'train_ratio={rate["jax_train"] / rate["keras_train"]:.3f}')
   print(f'infer_ratio={rate["jax_infer"] / rate["keras_infer"]:.3f}')
 
