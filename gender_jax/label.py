@@ -102,9 +102,6 @@ def _load_predictor(workdir, mc_samples, batch_size, seed):
 
 def _check_inputs(images_dir: str, labels: Optional[str]) -> None:
   """Fails early (before labelling) on a missing folder or a bad labels file."""
-  if jax.process_count() > 1:
-    raise LabelError('label_images runs on one host; start it on one process '
-                     'and split large folders between runs instead.')
   if not os.path.isdir(images_dir):
     raise LabelError(f'--images {images_dir!r} is not a directory: pass the '
                      'folder holding the images.')
@@ -291,9 +288,10 @@ def decoded_batches(paths: Sequence[str], image_size, batch_size: int,
 # ---------------------------------------------------------------- labelling --
 
 
-def _format_rows(paths, errors, outputs, keys) -> List[list]:
-  """CSV rows of one batch; `keys` are p_male and the MC statistics."""
-  names, rows = label_report.class_names(), []
+def _format_rows(paths, errors, outputs, keys, names) -> List[list]:
+  """CSV rows of one batch; `keys` are p_male and the MC statistics,
+  `names` the class names."""
+  rows = []
   for i, (path, error) in enumerate(zip(paths, errors)):
     if error:
       rows.append([path] + [''] * (len(keys) + 1) + [error])
@@ -331,10 +329,10 @@ def _predicted_batches(todo, images_dir, predictor, num_workers):
     yield in_flight
 
 
-def _append_rows(output_csv, header, keys, batches, bar) -> int:
+def _append_rows(output_csv, header, keys, names, batches, bar) -> int:
   """Appends each batch's rows to the CSV (header first if new), flushed per
   batch; returns the number of unreadable images. `keys`: the output keys
-  written (p_male and the MC statistics)."""
+  written (p_male and the MC statistics); `names`: the class names."""
   new_file = not os.path.exists(output_csv) or not os.path.getsize(output_csv)
   num_errors = 0
   with label_report.open_csv(output_csv, 'a') as f:
@@ -344,7 +342,7 @@ def _append_rows(output_csv, header, keys, batches, bar) -> int:
       f.flush()
     for paths, errors, out in batches:
       out = {k: np.asarray(out[k]) for k in keys}
-      writer.writerows(_format_rows(paths, errors, out, keys))
+      writer.writerows(_format_rows(paths, errors, out, keys, names))
       f.flush()
       num_errors += sum(bool(e) for e in errors)
       bar.update(len(errors))
@@ -394,6 +392,9 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
   outputs = output_paths(output_csv)
   os.makedirs(os.path.dirname(os.path.abspath(output_csv)), exist_ok=True)
   with locking.hold(outputs['lock'], f'label output {output_csv}'):
+    if jax.process_count() > 1:   # (Starts JAX: after the cheap checks.)
+      raise LabelError('label_images runs on one host; start it on one '
+                       'process and split large folders between runs instead.')
     predictor = predictor or _load_predictor(workdir, mc_samples, batch_size,
                                              seed)
     summary = _label(config, workdir, images_dir, outputs, predictor,
@@ -420,11 +421,12 @@ def _label(config, workdir, images_dir, outputs, predictor, num_workers,
             f'{len(files) - len(todo)} already labelled, {len(todo)} to do.',
             progress)
   compile_seconds = _warm_up(predictor)
+  names = label_report.class_names()   # Imported here: not labelling time.
   start = time.perf_counter()
   with tqdm.tqdm(total=len(files), initial=len(files) - len(todo), unit='img',
                  disable=not progress, smoothing=0.1) as bar:
     num_errors = _append_rows(
-        output_csv, header, predictor.output_keys[1:],
+        output_csv, header, predictor.output_keys[1:], names,
         _predicted_batches(todo, images_dir, predictor, num_workers), bar)
   seconds = time.perf_counter() - start
   return {

@@ -361,7 +361,8 @@ def test_script_user_errors_are_one_line_exit_2(workdir, images, tmp_path):
       'unexpected arguments': ok + ['extra'],
       'in use by pid': ok,
   }
-  env = dict(os.environ, JAX_PLATFORMS='cpu', GENDER_JAX_NO_REEXEC='1')
+  # No JAX_PLATFORMS: these errors come before JAX probes any backend.
+  env = dict(os.environ, GENDER_JAX_NO_REEXEC='1')
   with held_elsewhere(tmp_path / 'l.csv.lock'):
     for expected, args in cases.items():
       result = subprocess.run(
