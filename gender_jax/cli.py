@@ -35,6 +35,17 @@ def start() -> None:
   logging.get_absl_logger().addFilter(_drop_library_info)
 
 
+def quiet_tensorflow() -> None:
+  """Call before TensorFlow is imported (it reads these once, at load): no
+  start-up notices on stderr. TF_CPP_MIN_LOG_LEVEL=1 drops TF's C++ INFO logs
+  (the CPU-feature note; warnings and errors stay). The oneDNN notice ignores
+  that level; only TF_ENABLE_ONEDNN_OPTS=0 removes it, which also turns off
+  TF's oneDNN CPU kernels (convolutions, matmuls: unused where TensorFlow
+  only reads, writes and decodes data). Values set in the environment win."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+
 def fail(program: str, message: str) -> None:
   """Prints `program: error: message` as one line on stderr; exits with 2."""
   print(f'{program}: error: {" ".join(str(message).split())}', file=sys.stderr,
