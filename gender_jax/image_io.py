@@ -30,6 +30,7 @@ at labelling time are converted and resized exactly like the training images:
 
 import concurrent.futures
 import os
+import stat
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -113,10 +114,23 @@ def decode(path: str,
   """`load_image` that never raises: (uint8 (H, W, 3), '') or (None, reason).
 
   The one decode of data preparation, the labeller and `load_images`; the
-  reason is `error_reason`'s 'ErrorType: message' (an empty file says so).
+  reason is `error_reason`'s 'ErrorType: message'. Empty files, folders,
+  other non-regular files (a FIFO would block the reader), broken symbolic
+  links and symbolic-link loops get a reason before PIL opens anything.
   """
   try:
-    if os.path.getsize(path) == 0:
+    try:
+      mode = os.stat(path)
+    except FileNotFoundError:
+      if not os.path.islink(path):
+        raise
+      raise FileNotFoundError(
+          f'broken symbolic link to {os.readlink(path)!r}') from None
+    if stat.S_ISDIR(mode.st_mode):
+      raise IsADirectoryError('a folder, not an image file')
+    if not stat.S_ISREG(mode.st_mode):
+      raise ValueError('not a regular file')
+    if mode.st_size == 0:
       raise ValueError('empty file (0 bytes)')
     return load_image(path, image_size), ''
   except Exception as e:  # pylint: disable=broad-except

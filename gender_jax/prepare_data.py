@@ -11,7 +11,10 @@ Two entry points, both writing `<data_dir>/gender_faces/1.0.0/`:
   images are not decoded or re-encoded.
 
 Output is written to `<version>.tmp-<pid>` and renamed into place, so an
-interrupted run never leaves a dataset that loads.
+interrupted run never leaves a dataset that loads; a later run removes the
+`.tmp-<pid>` folders of runs whose process is gone (e.g. killed with -9).
+Worker processes die with the run (Linux parent-death signal, else a
+watchdog thread), so a killed run leaves none behind.
 
 Images are decoded by `gender_jax.image_io.decode`, shared with the labeller
 (EXIF orientation, 8-bit RGB for every PIL mode, alpha over black, bilinear
@@ -20,6 +23,7 @@ logged and counted.
 """
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import logging
 import math
@@ -28,7 +32,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import struct
+import threading
 import time
 from typing import Optional
 
@@ -36,15 +42,17 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
+from gender_jax import cli
 from gender_jax import dataset
 from gender_jax import image_io
+from gender_jax import locking
 
 SHUFFLE_SEED = 42
 EXAMPLES_PER_SHARD = 1000
 SPLIT_ALIASES = {
     'train': ('train', 'training'),
     'validation': ('validation', 'valid', 'val'),
-    'test': ('test',),
+    'test': ('test', 'testing'),
 }
 REQUIRED_SPLITS = ('train', 'validation')
 CLASS_ALIASES = {
@@ -54,7 +62,7 @@ CLASS_ALIASES = {
 EXPECTED_LAYOUT = """Expected layout (names case-insensitive):
   RAW_DIR/Train|Training/Female|Woman/<images>  and  .../Male|Man/<images>
   RAW_DIR/Validation|Valid|Val/Female|Woman/...  and  .../Male|Man/...
-  RAW_DIR/Test/Female|Woman/...  and  .../Male|Man/...   (optional)"""
+  RAW_DIR/Test|Testing/Female|Woman/...  and  .../Male|Man/...   (optional)"""
 _SHARD_NAME = re.compile(
     r'^(?P<split>[a-z]+)[_.-](?P<cls>[a-z]+)\.tfrecords?'
     r'(?:-(?P<index>\d+)-of-(?P<total>\d+))?$', re.IGNORECASE)
@@ -62,8 +70,9 @@ _SHARD_NAME = re.compile(
 log = logging.getLogger(__name__)
 
 
-class LayoutError(ValueError):
-  """The input folder does not have a layout this module understands."""
+class LayoutError(cli.UserError, ValueError):
+  """An input folder or file this module cannot make a dataset from; the
+  message names it and says what to do (scripts: one line, exit status 2)."""
 
 
 @dataclasses.dataclass
@@ -105,11 +114,27 @@ def _match_alias(name: str, aliases: dict) -> Optional[str]:
   return None
 
 
+def _entries(path: str) -> list:
+  """The entries of folder `path` by name; LayoutError if it cannot be read."""
+  try:
+    return sorted(os.scandir(path), key=lambda e: e.name)
+  except OSError as e:
+    raise LayoutError(f'cannot read folder {path}: {e.strerror}.') from e
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+  """`entry.is_dir()`, False for a symbolic-link loop instead of raising."""
+  try:
+    return entry.is_dir()
+  except OSError:
+    return False
+
+
 def _alias_dirs(path: str, aliases: dict, what: str) -> dict:
   """Maps canonical names to the subdirectories of `path` named by aliases."""
   found = {}
-  for entry in sorted(os.scandir(path), key=lambda e: e.name):
-    if not entry.is_dir():
+  for entry in _entries(path):
+    if not _is_dir(entry):
       continue
     canonical = _match_alias(entry.name, aliases)
     if canonical is None:
@@ -126,8 +151,10 @@ def _alias_dirs(path: str, aliases: dict, what: str) -> dict:
 def find_raw_files(raw_dir: str) -> dict:
   """Returns {split: {class: [image paths]}} of a raw folder set.
 
-  Raises LayoutError naming the path and the expected layout when a required
-  split or class folder is missing or empty.
+  Every non-hidden entry of a class folder is listed, including folders,
+  broken symbolic links and link loops: `image_io.decode` gives each one that
+  is not an image its skip reason. Raises LayoutError naming the path and the
+  expected layout when a required split or class folder is missing or empty.
   """
   if not os.path.isdir(raw_dir):
     raise LayoutError(f'{raw_dir} is not a folder.\n{EXPECTED_LAYOUT}')
@@ -150,14 +177,8 @@ def find_raw_files(raw_dir: str) -> dict:
             f'{split_dir}: no {cls} class folder (has: '
             f'{sorted(os.listdir(split_dir))}).\n{EXPECTED_LAYOUT}')
       class_dir = os.path.join(split_dir, classes[cls])
-      paths = []
-      for entry in sorted(os.scandir(class_dir), key=lambda e: e.name):
-        if entry.name.startswith('.'):
-          continue
-        if entry.is_file():
-          paths.append(entry.path)
-        else:
-          log.warning('ignoring %s: not a file', entry.path)
+      paths = [entry.path for entry in _entries(class_dir)
+               if not entry.name.startswith('.')]
       if not paths:
         raise LayoutError(f'{class_dir}: class folder is empty.\n'
                           f'{EXPECTED_LAYOUT}')
@@ -183,6 +204,7 @@ class _ShardTask:
 
 
 _PROGRESS_EVERY = 50   # Images between progress reports from a worker.
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _worker_progress = None
 
 
@@ -208,8 +230,27 @@ def _write_shard(task: _ShardTask, report=None):
   return task, counts, skipped
 
 
-def _init_worker(progress_queue):
+def _die_with_parent(parent_pid: int) -> None:
+  """Makes this worker process end when the run's process does, even on
+  `kill -9` (which runs no clean-up in the parent): Linux's
+  PR_SET_PDEATHSIG, else a thread that polls the parent pid."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+      raise OSError(ctypes.get_errno(), 'prctl failed')
+  except (OSError, AttributeError):
+    def watch():
+      while os.getppid() == parent_pid:
+        time.sleep(1)
+      os._exit(1)  # pylint: disable=protected-access
+    threading.Thread(target=watch, daemon=True).start()
+  if os.getppid() != parent_pid:   # The parent died before prctl.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _init_worker(progress_queue, parent_pid: int):
   global _worker_progress
+  _die_with_parent(parent_pid)
   _worker_progress = progress_queue
   tf.config.set_visible_devices([], 'GPU')
   tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -230,7 +271,7 @@ def _run_tasks(tasks, num_workers: int, total: int, show_progress: bool):
     progress = context.Queue()
     pool = concurrent.futures.ProcessPoolExecutor(
         num_workers, mp_context=context, initializer=_init_worker,
-        initargs=(progress,))
+        initargs=(progress, os.getpid()))
     try:
       pending = {pool.submit(_write_shard, t) for t in tasks}
       while pending:
@@ -313,10 +354,7 @@ def prepare_raw(raw_dir: str, data_dir: str, image_size=(218, 178),
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   skipped.sort()
-  result = PrepareResult(final, image_size, counts, skipped,
-                         time.time() - start)
-  log.info('%s', result.summary())
-  return result
+  return PrepareResult(final, image_size, counts, skipped, time.time() - start)
 
 
 # ------------------------------------------------------- original TFRecords
@@ -330,12 +368,14 @@ def _count_records(path: str) -> int:
     while pos < size:
       header = f.read(8)
       if len(header) < 8:
-        raise ValueError(f'{path}: truncated TFRecord file (at byte {pos})')
+        raise LayoutError(f'{path}: truncated TFRecord file (at byte {pos}); '
+                          'copy it again or remove it.')
       (length,) = struct.unpack('<Q', header)
       pos += 8 + 4 + length + 4
       if pos > size:
-        raise ValueError(f'{path}: truncated TFRecord file (record {count} '
-                         f'needs {pos} bytes, file has {size})')
+        raise LayoutError(f'{path}: truncated TFRecord file (record {count} '
+                          f'needs {pos} bytes, file has {size}); copy it '
+                          'again or remove it.')
       f.seek(pos)
       count += 1
   return count
@@ -411,12 +451,14 @@ def wrap_tfrecords(tfrecord_dir: str, data_dir: str, copy: bool = False,
           if image_size is None:
             image_size = tuple(size)
           if tuple(size) != image_size:
-            raise ValueError(f'{path}: images are {size[0]}x{size[1]}, other '
-                             f'shards {image_size[0]}x{image_size[1]}.')
+            raise LayoutError(
+                f'{path}: images are {size[0]}x{size[1]}, other shards '
+                f'{image_size[0]}x{image_size[1]}; one dataset has one image '
+                'size: remove the odd shards.')
           if dataset.CLASS_NAMES[label] != cls:
-            raise ValueError(f'{path}: the name says {cls} but the first '
-                             f'record has label {label} '
-                             f'({dataset.CLASS_NAMES[label]}).')
+            raise LayoutError(f'{path}: the name says {cls} but the first '
+                              f'record has label {label} '
+                              f'({dataset.CLASS_NAMES[label]}); rename it.')
         target = os.path.join(tmp, _shard_name(split, i, len(shards)))
         if copy:
           shutil.copyfile(path, target)
@@ -425,16 +467,14 @@ def wrap_tfrecords(tfrecord_dir: str, data_dir: str, copy: bool = False,
         shard_lengths[split].append(n)
         counts[split][cls] += n
     if image_size is None:
-      raise ValueError(f'{tfrecord_dir}: every shard is empty.')
+      raise LayoutError(f'{tfrecord_dir}: every shard is empty.')
     _write_metadata(tmp, image_size, shard_lengths,
                     source=f'original TFRecord shards in {tfrecord_dir}')
     _commit(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  result = PrepareResult(final, image_size, counts, [], time.time() - start)
-  log.info('%s', result.summary())
-  return result
+  return PrepareResult(final, image_size, counts, [], time.time() - start)
 
 
 # ------------------------------------------------------- metadata & commit
@@ -457,7 +497,34 @@ def _write_metadata(path: str, image_size, shard_lengths: dict,
       supervised_keys=(dataset.IMAGE_KEY, dataset.LABEL_KEY))
 
 
+def _remove_stale(final: str) -> None:
+  """Cleans up after runs on this dataset whose process is gone (killed).
+
+  Removes their `<final>.tmp-<pid>` folders; an `<final>.old-<pid>` (a run
+  died inside `_commit`) is renamed back to `final` when that is missing,
+  else removed. Folders of live processes are left alone.
+  """
+  parent, version = os.path.split(final)
+  if not os.path.isdir(parent):
+    return
+  stale = re.compile(re.escape(version) + r'\.(tmp|old)-(\d+)')
+  for name in sorted(os.listdir(parent)):
+    match = stale.fullmatch(name)
+    if not match or locking._pid_alive(int(match[2])):  # pylint: disable=protected-access
+      continue
+    path = os.path.join(parent, name)
+    if match[1] == 'old' and not os.path.exists(final):
+      log.warning('restoring %s from %s, left by process %s, which died '
+                  'while replacing it', final, path, match[2])
+      os.rename(path, final)
+    else:
+      log.warning('removing %s, left by process %s, which is no longer '
+                  'running', path, match[2])
+      shutil.rmtree(path)
+
+
 def _check_target(final: str, overwrite: bool) -> None:
+  _remove_stale(final)
   if os.path.exists(final) and not overwrite:
     raise FileExistsError(
         f'{final} already exists; pass --overwrite (overwrite=True) to '
@@ -465,9 +532,16 @@ def _check_target(final: str, overwrite: bool) -> None:
 
 
 def _make_tmp(final: str) -> str:
+  """Creates this run's empty `<final>.tmp-<pid>` folder."""
   tmp = f'{final}.tmp-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  try:
+    os.makedirs(tmp)
+  except OSError as e:
+    data_dir = os.path.dirname(os.path.dirname(final))
+    raise cli.UserError(
+        f'cannot write the dataset into --data_dir {data_dir} ({e.strerror}: '
+        f'{e.filename}); choose a folder you can write to.') from e
   return tmp
 
 

@@ -4,8 +4,11 @@ import collections
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import numpy as np
 from PIL import Image
@@ -17,6 +20,8 @@ from gender_jax import dataset
 from gender_jax import prepare_data
 from gender_jax import synthetic
 
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, 'scripts',
+                      'prepare_data.py')
 SIZE = (24, 20)
 COUNTS = {'Train': (9, 12), 'Validation': (5, 4), 'Test': (3, 4)}
 ORIGINAL_SPEC = {'images': tf.io.FixedLenFeature([], tf.string),
@@ -264,19 +269,211 @@ def test_wrap_rejects_bad_names_and_mislabelled_shards(tmp_path):
   assert not os.path.exists(str(tmp_path / 'out' / 'gender_faces' / '1.0.0'))
 
 
+def _run_script(*flags):
+  """Runs scripts/prepare_data.py in the environment a user has (no TF_*)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TF_')}
+  return subprocess.run([sys.executable, SCRIPT, *flags], capture_output=True,
+                        text=True, env=env, check=False)
+
+
+def _assert_user_error(out, *words):
+  """Exit status 2 and one line on stderr naming `words`, no traceback."""
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'Traceback' not in out.stderr, out.stderr
+  assert lines[0].startswith('prepare_data.py: error: '), lines
+  for word in words:
+    assert word in lines[0], (word, lines[0])
+
+
 def test_script_wraps_shards_and_rejects_two_sources(tmp_path):
-  script = os.path.join(os.path.dirname(__file__), os.pardir, 'scripts',
-                        'prepare_data.py')
   _write_original_shards(str(tmp_path / 'orig'), np.random.default_rng(0))
-  env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'}
-  run = lambda *flags: subprocess.run(  # pylint: disable=g-long-lambda
-      [sys.executable, script, f'--data_dir={tmp_path / "out"}', *flags],
-      capture_output=True, text=True, env=env)
-  out = run(f'--tfrecord_dir={tmp_path / "orig"}', '--copy')
+  out = _run_script(f'--data_dir={tmp_path / "out"}',
+                    f'--tfrecord_dir={tmp_path / "orig"}', '--copy')
   assert out.returncode == 0, out.stderr[-2000:]
-  assert 'train: 12 examples (female 5, male 7)' in out.stderr
+  assert 'train: 12 examples (female 5, male 7)' in out.stdout
   assert dataset.load_builder(str(tmp_path / 'out')).info.splits[
       'validation'].num_examples == 5
-  out = run(f'--tfrecord_dir={tmp_path / "orig"}', f'--raw_dir={tmp_path}')
-  assert out.returncode != 0
-  assert 'exactly one of --raw_dir or --tfrecord_dir' in out.stderr
+  out = _run_script(f'--data_dir={tmp_path / "out"}',
+                    f'--tfrecord_dir={tmp_path / "orig"}',
+                    f'--raw_dir={tmp_path}')
+  _assert_user_error(out, 'exactly one of --raw_dir or --tfrecord_dir')
+
+
+def test_script_summary_once_on_stdout_without_library_noise(tmp_path):
+  root = str(tmp_path / 'raw')
+  synthetic.make_raw_dataset(root, {'Train': (3, 3), 'Validation': (2, 2)})
+  out = _run_script(f'--raw_dir={root}', f'--data_dir={tmp_path / "out"}',
+                    '--image_height=24', '--image_width=20',
+                    '--num_workers=2')
+  assert out.returncode == 0, out.stderr[-2000:]
+  summary = 'train: 6 examples (female 3, male 3)'
+  assert out.stdout.count(summary) == 1, out.stdout
+  assert summary not in out.stderr
+  for noise in ('oneDNN', 'cpu_feature_guard', "initialize backend 'tpu'",
+                'absl::InitializeLog'):
+    assert noise not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize('case', ['no_validation', 'empty_class', 'unwritable',
+                                  'exists', 'no_data_dir'])
+def test_script_user_errors_are_one_line_exit_2(tmp_path, case):
+  root = str(tmp_path / 'raw')
+  synthetic.make_raw_dataset(root, {'Train': (1, 1), 'Validation': (1, 1)})
+  flags = [f'--raw_dir={root}', f'--data_dir={tmp_path / "out"}',
+           '--image_height=24', '--image_width=20', '--num_workers=1']
+  words = []
+  if case == 'no_validation':
+    shutil.rmtree(os.path.join(root, 'Validation'))
+    words = [root, 'no validation folder', 'Expected layout']
+  elif case == 'empty_class':
+    shutil.rmtree(os.path.join(root, 'Train', 'Male'))
+    os.makedirs(os.path.join(root, 'Train', 'Male'))
+    words = [os.path.join(root, 'Train', 'Male'), 'class folder is empty']
+  elif case == 'unwritable':
+    if os.geteuid() == 0:   # Root writes anywhere a mode allows; not in /sys.
+      target = '/sys/gender_jax_test_data'
+    else:
+      target = str(tmp_path / 'read_only')
+      os.makedirs(target, mode=0o555)
+    flags[1] = f'--data_dir={target}'
+    words = ['cannot write', target, 'choose a folder you can write to']
+  elif case == 'exists':
+    os.makedirs(str(tmp_path / 'out' / 'gender_faces' / '1.0.0'))
+    words = ['already exists', '--overwrite']
+  elif case == 'no_data_dir':
+    del flags[1]
+    words = ['--data_dir']
+  _assert_user_error(_run_script(*flags), *words)
+
+
+def test_testing_folder_is_the_test_split(tmp_path, caplog):
+  root = str(tmp_path / 'raw')
+  synthetic.make_raw_dataset(root, {'Train': (2, 1), 'Validation': (1, 1),
+                                    'Testing': (1, 2)})
+  with caplog.at_level(logging.WARNING, logger='gender_jax.prepare_data'):
+    result = prepare_data.prepare_raw(root, str(tmp_path / 'out'),
+                                      image_size=SIZE, num_workers=1,
+                                      show_progress=False)
+  assert result.counts['test'] == {'female': 1, 'male': 2}
+  assert 'ignoring' not in caplog.text
+
+
+def test_links_folders_and_fifos_are_skipped_with_reasons(tmp_path):
+  root = str(tmp_path / 'raw')
+  synthetic.make_raw_dataset(root, {'Train': (2, 2), 'Validation': (1, 1)})
+  male = os.path.join(root, 'Train', 'Male')
+  os.symlink('loop.jpg', os.path.join(male, 'loop.jpg'))          # -> itself
+  os.symlink('a.jpg', os.path.join(male, 'b.jpg'))
+  os.symlink('b.jpg', os.path.join(male, 'a.jpg'))                # a <-> b
+  os.symlink('gone.jpg', os.path.join(male, 'dangling.jpg'))
+  os.makedirs(os.path.join(male, 'more'))
+  os.mkfifo(os.path.join(male, 'pipe.jpg'))
+  result = prepare_data.prepare_raw(root, str(tmp_path / 'out'),
+                                    image_size=SIZE, num_workers=1,
+                                    show_progress=False)
+  reasons = {os.path.basename(p): r for p, r in result.skipped}
+  assert result.counts['train'] == {'female': 2, 'male': 2}
+  assert set(reasons) == {'loop.jpg', 'a.jpg', 'b.jpg', 'dangling.jpg',
+                          'more', 'pipe.jpg'}
+  assert reasons['loop.jpg'].startswith('OSError: [Errno 40]')
+  assert reasons['dangling.jpg'] == (
+      "FileNotFoundError: broken symbolic link to 'gone.jpg'")
+  assert reasons['more'].startswith('IsADirectoryError')
+  assert reasons['pipe.jpg'] == 'ValueError: not a regular file'
+  assert 'skipped 6 file(s)' in result.summary()
+
+
+_SLOW_DRIVER = """
+import sys
+import time
+from gender_jax import image_io
+from gender_jax import prepare_data
+
+_decode = image_io.decode
+
+
+def slow_decode(path, image_size):   # Also in the spawned workers.
+  time.sleep(0.5)
+  return _decode(path, image_size)
+
+
+image_io.decode = slow_decode
+if __name__ == '__main__':
+  prepare_data.prepare_raw(sys.argv[1], sys.argv[2], image_size=(24, 20),
+                           num_shards=4, num_workers=2, show_progress=False)
+"""
+
+
+def _children(pid):
+  """Pids of the live (not zombie) child processes of `pid`, from /proc."""
+  children = []
+  for name in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{name}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if fields[0] != 'Z' and int(fields[1]) == pid:
+      children.append(int(name))
+  return children
+
+
+def _alive(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs /proc')
+def test_kill_9_leaves_no_workers_and_rerun_cleans_up(tmp_path, caplog):
+  root, out = str(tmp_path / 'raw'), str(tmp_path / 'out')
+  synthetic.make_raw_dataset(root, {'Train': (12, 12), 'Validation': (4, 4)})
+  driver = tmp_path / 'slow_prepare.py'
+  driver.write_text(textwrap.dedent(_SLOW_DRIVER))
+  env = {**os.environ, 'PYTHONPATH': os.path.join(os.path.dirname(__file__),
+                                                  os.pardir)}
+  run = subprocess.Popen([sys.executable, str(driver), root, out], env=env,
+                         stderr=subprocess.DEVNULL)
+  tmp = os.path.join(out, 'gender_faces', f'1.0.0.tmp-{run.pid}')
+  deadline = time.time() + 240
+  while not (os.path.isdir(tmp) and len(os.listdir(tmp)) >= 2):
+    assert run.poll() is None and time.time() < deadline   # Workers writing.
+    time.sleep(0.2)
+  workers = _children(run.pid)
+  assert len(workers) >= 2, workers
+  os.kill(run.pid, signal.SIGKILL)
+  run.wait()
+  deadline = time.time() + 30
+  while any(map(_alive, workers)) and time.time() < deadline:
+    time.sleep(0.2)
+  survivors = [pid for pid in workers if _alive(pid)]
+  for pid in survivors:   # Free their memory before failing.
+    os.kill(pid, signal.SIGKILL)
+  assert not survivors
+  assert os.path.isdir(tmp)
+  with caplog.at_level(logging.WARNING, logger='gender_jax.prepare_data'):
+    result = prepare_data.prepare_raw(root, out, image_size=SIZE,
+                                      num_workers=1, show_progress=False)
+  assert f'removing {tmp}, left by process {run.pid}' in caplog.text
+  assert sorted(os.listdir(os.path.join(out, 'gender_faces'))) == ['1.0.0']
+  assert result.num_examples() == 32
+
+
+def test_stale_old_dataset_is_restored_when_the_new_one_is_missing(tmp_path):
+  root = str(tmp_path / 'raw')
+  synthetic.make_raw_dataset(root, {'Train': (2, 2), 'Validation': (1, 1)})
+  out = str(tmp_path / 'out')
+  final = prepare_data.prepare_raw(root, out, image_size=SIZE, num_workers=1,
+                                   show_progress=False).output_dir
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  dead_pid = int(dead.stdout)
+  os.rename(final, f'{final}.old-{dead_pid}')   # Died inside _commit.
+  os.makedirs(f'{final}.tmp-{dead_pid}')
+  with pytest.raises(FileExistsError):   # The restored dataset is kept.
+    prepare_data.prepare_raw(root, out, image_size=SIZE, num_workers=1)
+  assert sorted(os.listdir(os.path.dirname(final))) == ['1.0.0']
+  assert dataset.load_builder(out).info.splits['train'].num_examples == 4
