@@ -9,7 +9,7 @@ It is built from the variable tree alone, with inference BatchNorm folded
 into the preceding layer:
 
   images (N, H, W, 3) in 0..255, uint8 or float32 (N dynamic)
-  -> Cast to float -> Transpose to NCHW
+  -> Transpose to NCHW -> Cast to float (a uint8 transpose moves 4x less)
   -> 4 x [Conv (1/255 rescale folded into the first, BatchNorm into each)
           -> Sigmoid * x (swish) -> MaxPool 2x2/2]
   -> Flatten (C, H, W order; Dense_0's rows are permuted from flax's (H, W, C))
@@ -91,8 +91,8 @@ def build_model(variables: Dict[str, Any], image_size: Sequence[int], *,
   params, stats = variables['params'], variables['batch_stats']
   height, width = image_size
   g = _Graph()
-  x = g.op('Cast', [INPUT_NAME], to=TensorProto.FLOAT)
-  x = g.op('Transpose', [x], perm=[0, 3, 1, 2])
+  x = g.op('Transpose', [INPUT_NAME], perm=[0, 3, 1, 2])
+  x = g.op('Cast', [x], to=TensorProto.FLOAT)
   for i in range(_num_blocks(params)):
     name = f'ConvBlock_{i}'
     kernel, bias = fold_batchnorm(params[name]['Conv_0']['kernel'],
