@@ -90,12 +90,13 @@ def _read_config(workdir: str):
     raise LabelError(e) from e
 
 
-def _load_predictor(workdir, mc_samples, batch_size, seed):
+def _load_predictor(workdir, mc_samples, batch_size, seed, runtime):
   """The workdir's best model as a Predictor; a missing checkpoint or a bad
-  mc_samples/batch_size is a LabelError."""
+  mc_samples/batch_size/runtime is a LabelError."""
   try:
     return predict.Predictor.from_workdir(
-        workdir, mc_samples=mc_samples, batch_size=batch_size, seed=seed)
+        workdir, mc_samples=mc_samples, batch_size=batch_size, seed=seed,
+        runtime=runtime)
   except (FileNotFoundError, ValueError) as e:
     raise LabelError(e) from e
 
@@ -114,7 +115,7 @@ def _check_inputs(images_dir: str, labels: Optional[str]) -> None:
 
 def _run_arguments(workdir, images_dir, config, predictor, header) -> dict:
   """The arguments that change the CSV's numbers (stored in the sidecar)."""
-  return {
+  args = {
       'workdir': os.path.abspath(workdir),
       'images_dir': os.path.abspath(images_dir),
       'mc_samples': predictor.mc_samples,
@@ -124,6 +125,9 @@ def _run_arguments(workdir, images_dir, config, predictor, header) -> dict:
       'columns': list(header),
       'checkpoint_step': predictor.meta.get('step'),
   }
+  if predictor.runtime != 'jax':    # So sidecars from before runtimes match.
+    args['runtime'] = predictor.runtime
+  return args
 
 
 def _check_args(args_path: str, args: dict, output_csv: str) -> None:
@@ -359,7 +363,7 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
                  mc_samples: int = 1, batch_size: int = 64, *,
                  seed: int = 0, num_workers: Optional[int] = None,
                  labels: Optional[str] = None, per_directory: bool = False,
-                 progress: bool = True,
+                 progress: bool = True, runtime: str = 'jax',
                  predictor: Optional[predict.Predictor] = None) -> dict:
   """Labels every image under `images_dir` into `output_csv` (resumable).
 
@@ -375,8 +379,10 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
       None (folders if every image is under a Male or Female folder).
     per_directory: also write per-folder summaries and flagged images.
     progress: show a progress bar with images/s.
+    runtime: 'jax', or 'onnxruntime' (the exported ONNX model under ONNX
+      Runtime; mc_samples=1 only, MC-Dropout runs in JAX).
     predictor: a ready `Predictor` (else built from `workdir`); its
-      mc_samples, batch_size and seed then replace the arguments.
+      mc_samples, batch_size, seed and runtime then replace the arguments.
 
   Returns:
     A summary: counts, timings (seconds, images_per_second of the images
@@ -396,7 +402,7 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
       raise LabelError('label_images runs on one host; start it on one '
                        'process and split large folders between runs instead.')
     predictor = predictor or _load_predictor(workdir, mc_samples, batch_size,
-                                             seed)
+                                             seed, runtime)
     summary = _label(config, workdir, images_dir, outputs, predictor,
                      num_workers or min(8, os.cpu_count() or 1), progress)
     summary.update(label_report.summarize(

@@ -2,7 +2,7 @@ r"""Labels every image under a folder with a trained model, into CSV.
 
   python scripts/label.py --workdir=runs/stage2 --images=/data/vggface2/train \
       --output=labels.csv [--mc_samples=20] [--batch_size=64] \
-      [--per_directory] [--labels=identity_meta.csv]
+      [--per_directory] [--labels=identity_meta.csv] [--runtime=onnxruntime]
 
 One row per image (path, p_male, predicted, MC-Dropout mean/std/entropy/
 mutual information with --mc_samples>1, error). Unreadable files get a row
@@ -44,6 +44,10 @@ _LABELS = flags.DEFINE_string(
     'labels', None, "Given labels: a CSV of (image or folder path, label), or "
     "'folders' for a Male/Female folder layout (used automatically when every "
     'image is under such a folder).')
+_RUNTIME = flags.DEFINE_enum(
+    'runtime', 'jax', ['jax', 'onnxruntime'], 'Inference runtime: JAX, or the '
+    'exported ONNX model under ONNX Runtime (needs the onnx extra; '
+    '--mc_samples=1 only).')
 _PER_DIRECTORY = flags.DEFINE_bool(
     'per_directory', False, 'Also summarise each folder and flag images that '
     "disagree with their folder's majority or their given label.")
@@ -66,7 +70,8 @@ def main(argv):
         _WORKDIR.value, _IMAGES.value, _OUTPUT.value,
         mc_samples=_MC_SAMPLES.value, batch_size=_BATCH_SIZE.value,
         seed=_SEED.value, num_workers=_NUM_WORKERS.value,
-        labels=_LABELS.value, per_directory=_PER_DIRECTORY.value)
+        labels=_LABELS.value, per_directory=_PER_DIRECTORY.value,
+        runtime=_RUNTIME.value)
   print(json.dumps(summary, indent=2))
 
 

@@ -1,5 +1,7 @@
 """The exported ONNX model gives the JAX model's outputs under ONNX Runtime."""
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +15,9 @@ pytest.importorskip('onnxruntime')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from gender_jax import checkpointing
+from gender_jax import cli
 from gender_jax import config_lib
+from gender_jax import label
 from gender_jax import models
 from gender_jax import onnx_export
 from gender_jax import onnx_predict
@@ -106,6 +110,33 @@ def test_predictor_onnxruntime_equals_jax(tmp_path, make_workdir,
   with pytest.raises(ValueError, match='MC-Dropout runs only in JAX'):
     predict.Predictor.from_workdir(workdir, mc_samples=4,
                                    runtime='onnxruntime')
+
+
+def _p_male(path):
+  with open(path, newline='') as f:
+    return {r['path']: float(r['p_male']) for r in csv.DictReader(f)}
+
+
+def test_labeller_onnxruntime_equals_jax(tmp_path, make_workdir):
+  workdir = make_workdir(tmp_path / 'w')
+  images = str(tmp_path / 'faces')
+  synthetic.make_raw_dataset(images, counts={'Test': (6, 7)}, seed=3)
+  outputs = {}
+  for runtime in ('jax', 'onnxruntime'):
+    outputs[runtime] = str(tmp_path / f'{runtime}.csv')
+    summary = label.label_images(workdir, images, outputs[runtime],
+                                 batch_size=8, progress=False,
+                                 runtime=runtime)
+    assert summary['num_rows'] == 13 and summary['num_errors'] == 0
+  want, got = _p_male(outputs['jax']), _p_male(outputs['onnxruntime'])
+  assert want.keys() == got.keys()
+  assert max(abs(want[k] - got[k]) for k in want) <= 1e-5
+  with open(outputs['onnxruntime'] + '.args.json') as f:
+    assert json.load(f)['runtime'] == 'onnxruntime'
+  # A CSV is never continued with the other runtime.
+  with pytest.raises(cli.UserError, match="runtime: was None, now 'onnxrun"):
+    label.label_images(workdir, images, outputs['jax'], batch_size=8,
+                       progress=False, runtime='onnxruntime')
 
 
 def test_fold_batchnorm_against_formula():
