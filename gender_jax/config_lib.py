@@ -3,10 +3,15 @@
 import importlib.util
 import os
 import re
-import sys
 
 import ml_collections
 from absl import flags
+
+from gender_jax import cli
+
+
+class ConfigError(cli.UserError, ValueError):
+  """A config field has a value it cannot take; the message names each."""
 
 
 def load_sibling(anchor_file: str, name: str) -> ml_collections.ConfigDict:
@@ -29,7 +34,7 @@ def _check(errors, ok, key, value, expectation):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming every out-of-range field of `config`."""
+  """Raises ConfigError naming every out-of-range field of `config`."""
   e = []
   size = tuple(config.image_size)
   _check(e, len(size) == 2 and all(isinstance(s, int) and s >= 16 for s in size),
@@ -43,6 +48,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'None or an int >= 1')
   _check(e, config.checkpoint_every_steps >= 0, 'checkpoint_every_steps',
          config.checkpoint_every_steps, 'an int >= 0')
+  _check(e, isinstance(config.precise_bn_batches, int)
+         and config.precise_bn_batches >= 0, 'precise_bn_batches',
+         config.precise_bn_batches, 'an int >= 0 (0: off)')
+  _check(e, isinstance(config.init_baseline, bool), 'init_baseline',
+         config.init_baseline, 'True or False')
   for key in ('flatten_dropout_rate', 'dropout_rate'):
     _check(e, 0.0 <= config[key] < 1.0, key, config[key], 'a rate in [0, 1)')
   _check(e, config.model in ('cnn', 'tiny'), 'model', config.model,
@@ -64,19 +74,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(e, 0 <= config.aug[key] < 1, f'aug.{key}', config.aug[key],
            'a factor in [0, 1)')
   if e:
-    raise ValueError('Invalid configuration:\n  ' + '\n  '.join(e))
+    raise ConfigError('invalid configuration: ' + '; '.join(e))
 
 
 def flags_parser(argv):
-  """absl `app.run` flags parser that turns an unknown `--config.<key>` into
-  a one-line error naming the key (ml_collections raises a bare AttributeError).
-  """
+  """absl `app.run` flags parser: a bad flag, or an unknown `--config.<key>`
+  (ml_collections raises a bare AttributeError whose text quotes the key
+  and may suggest a near name), is one line on stderr and exit status 2."""
+  program = os.path.basename(argv[0])
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'FATAL Flags parsing error: {e}')
+    cli.fail(program, f'{e}. Run with --helpfull to list the flags.')
   except AttributeError as e:
-    key = str(e).strip('"\'')
-    given = [a for a in argv[1:] if re.match(rf'--config\.(\w+\.)*{re.escape(key)}(=|$)', a)]
-    sys.exit(f'FATAL: unknown config field {key!r} in {" ".join(given) or argv[1:]}; '
-             'see configs/default.py for every field.')
+    text = str(e)
+    key = re.search(r'\w+', text)
+    key = key.group(0) if key else text
+    given = [a for a in argv[1:]
+             if re.match(rf'--config\.(\w+\.)*{re.escape(key)}(=|$)', a)]
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    cli.fail(program, f'unknown config field {key!r}'
+             f'{" in " + " ".join(given) if given else ""}'
+             f'{" (did you mean " + repr(hint.group(1)) + "?)" if hint else ""}'
+             '; configs/default.py lists every field.')

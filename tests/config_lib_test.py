@@ -27,8 +27,12 @@ def test_stage_configs_hold_the_original_recipe():
     assert c.early_stopping_min_delta == 1e-3
   assert (s1.augment, s1.repeat, s1.dropout_rate, s1.num_epochs) == (True, 2, 0.0, 25)
   assert (s1.plateau_patience, s1.early_stopping_patience) == (3, 5)
-  assert (s2.augment, s2.repeat, s2.dropout_rate, s2.num_epochs) == (False, 2, 0.3, 10)
+  # The original's stage 2 does not repeat the training set.
+  assert (s2.augment, s2.repeat, s2.dropout_rate, s2.num_epochs) == (False, 1, 0.3, 10)
   assert (s2.plateau_patience, s2.early_stopping_patience) == (2, 3)
+  # Our two additions: stage 2 only.
+  assert (s1.init_baseline, s2.init_baseline) == (False, True)
+  assert s2.precise_bn_batches > 0
 
 
 def test_validate_names_every_bad_field():
@@ -36,10 +40,13 @@ def test_validate_names_every_bad_field():
   c.batch_size = 0
   c.dropout_rate = 1.5
   c.image_size = (8, 178)
-  with pytest.raises(ValueError) as e:
+  c.precise_bn_batches = -1
+  with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(c)
-  for key in ('config.batch_size=0', 'config.dropout_rate=1.5', 'config.image_size'):
+  for key in ('config.batch_size=0', 'config.dropout_rate=1.5', 'config.image_size',
+              'config.precise_bn_batches=-1'):
     assert key in str(e.value)
+  assert '\n' not in str(e.value)   # One line.
 
 
 def _run_flags(*args):
@@ -64,12 +71,17 @@ def test_command_line_overrides():
 
 
 @pytest.mark.parametrize('arg,needle', [
-    ('--config.no_such_field=1', "'no_such_field'"),
+    ('--config.no_such_field=1', "unknown config field 'no_such_field' in "
+     '--config.no_such_field=1;'),
     ('--config.aug.no_such=1', "'no_such'"),
+    ('--config.bach_size=1', "'bach_size' in --config.bach_size=1 "
+     "(did you mean 'batch_size'?)"),
     ('--config.batch_size=abc', 'config.batch_size'),
+    ('--confg.batch_size=1', 'confg.batch_size'),
 ])
 def test_bad_overrides_fail_naming_the_key(arg, needle):
   bad = _run_flags(arg)
-  assert bad.returncode != 0
+  assert bad.returncode == 2
   assert needle in bad.stderr
   assert 'Traceback' not in bad.stderr
+  assert '\\' not in bad.stderr   # No doubly quoted text.
