@@ -54,6 +54,13 @@ def get_config():
   c.min_learning_rate = 5e-4
   c.early_stopping_patience = 5
   c.early_stopping_min_delta = 1e-3
+  # BatchNorm statistics recomputed for the current weights before every
+  # validation, over this many training batches (0: off, the Keras running
+  # averages only). See gender_jax/precise_bn.py.
+  c.precise_bn_batches = 0
+  # With init_from: evaluate the restored model before the first step and
+  # keep it as epoch 0 / the first best model (gender_jax/train.py).
+  c.init_baseline = False
 
   # Run.
   c.init_from = ''                   # Stage 1 workdir to fine-tune from.

@@ -1,7 +1,9 @@
 """Orbax checkpoints of a workdir: the latest train state and the best model.
 
 Layout of a workdir ``W``:
-  W/config.json      the run's config (written by host 0 at start).
+  W/config.json      the config of the run that wrote the checkpoints (written
+                     by host 0 with the run's first checkpoint, so a run that
+                     fails before saving anything leaves it as it was).
   W/checkpoints/<step>/{state,loop}   latest train states (resume); ``state`` is
                      the whole TrainState pytree, ``loop`` a JSON dict with the
                      epoch loop's bookkeeping (epoch, plateau, early stopping).
@@ -38,15 +40,24 @@ def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
 class Checkpointer:
   """Saves/restores the latest train state and the best model of a workdir."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2):
+  def __init__(self, workdir: str,
+               config: Optional[ml_collections.ConfigDict] = None,
+               max_to_keep: int = 2):
     self.workdir = workdir
+    self._config = config    # Written to config.json with the first save.
     self._latest = _manager(os.path.join(workdir, 'checkpoints'), max_to_keep)
     self._best = _manager(os.path.join(workdir, 'best'), 1)
 
   def latest_step(self) -> Optional[int]:
     return self._latest.latest_step()
 
+  def _write_config_once(self) -> None:
+    if self._config is not None:
+      write_config(self.workdir, self._config)
+      self._config = None
+
   def save_latest(self, step: int, state: Any, loop: dict) -> None:
+    self._write_config_once()
     self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
         force=True)
@@ -67,6 +78,7 @@ class Checkpointer:
     return restored['state'], restored['loop']
 
   def save_best(self, step: int, variables: Any, meta: dict) -> None:
+    self._write_config_once()
     model = {'params': variables['params'],
              'batch_stats': variables['batch_stats']}
     self._best.save(step, args=ocp.args.Composite(
@@ -80,11 +92,13 @@ class Checkpointer:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json into the workdir (host 0 only)."""
+  """Writes config.json into the workdir atomically (host 0 only)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + '.tmp', 'w') as f:
       f.write(config.to_json(indent=2))
+    os.replace(path + '.tmp', path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

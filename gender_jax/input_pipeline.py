@@ -22,6 +22,7 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from gender_jax import cli
 from gender_jax import dataset
 from gender_jax import sharding
 
@@ -35,7 +36,7 @@ def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
   available = list(builder.info.splits)
   for part in split.split('+'):
     if part.split('[')[0].strip() not in available:
-      raise ValueError(f'split {part!r} is not in the dataset at '
+      raise cli.UserError(f'split {part!r} is not in the dataset at '
                        f'{builder.data_dir}; it has {sorted(available)}.')
   return builder.info.splits[split].num_examples
 
@@ -55,7 +56,7 @@ def train_steps_per_epoch(config, builder) -> int:
   if config.steps_per_epoch:
     steps = min(steps, config.steps_per_epoch)
   if steps < 1:
-    raise ValueError(
+    raise cli.UserError(
         f'{config.train_split!r} has {per_process} examples per process, '
         f'fewer than one batch of {local} (x repeat {config.repeat}); lower '
         'config.batch_size.')

@@ -2,15 +2,10 @@
 
 The loop reproduces the original Keras `fit` recipe:
 * Nadam on binary cross-entropy; stage-1 augmentation on device in the step.
-* Once per epoch, after evaluating the validation split:
-  - ReduceLROnPlateau on val_loss (`optax.contrib.reduce_on_plateau` with
-    rtol=0, atol=min_delta, min_scale=min_lr/lr: Keras' rule), its state kept
-    in the loop bookkeeping and the learning rate written into the optimizer
-    state (`optax.inject_hyperparams`);
-  - EarlyStopping on val_accuracy with Keras' exact arithmetic (see
-    `update_early_stopping` for why not `flax.training.early_stopping`),
-    saving the best model exactly when it reports an improvement (Keras
-    `restore_best_weights`).
+* Once per epoch, after evaluating the validation split, Keras'
+  ReduceLROnPlateau on val_loss and EarlyStopping on val_accuracy
+  (`gender_jax.callbacks`), saving the best model exactly when EarlyStopping
+  reports an improvement (Keras `restore_best_weights`).
 * Checkpoints (orbax): the latest train state each epoch (and every
   `checkpoint_every_steps`) for resuming, and the best model for stage 2 and
   prediction. A run restarted in the same workdir resumes from the latest,
@@ -20,17 +15,34 @@ The loop reproduces the original Keras `fit` recipe:
 * After training, the best model is evaluated on the validation split and, if
   present, the test split; the summary goes to `<workdir>/results.json`.
 
+Two additions to the Keras recipe, both config fields:
+* `precise_bn_batches` > 0 recomputes the BatchNorm statistics for the
+  current weights before every validation (`gender_jax.precise_bn`), so early
+  stopping, the best checkpoint, evaluation and labelling see statistics that
+  match the weights instead of running averages that trail them.
+* `init_baseline` (stage 2): the model restored from `init_from` is evaluated
+  before the first step and recorded as epoch 0, in the history, TensorBoard
+  and as the first best model. Early stopping counts from it, so a fine-tune
+  that never beats its starting point ends with the starting model in
+  `best/`. This is the one place the loop departs from Keras' `fit`, whose
+  EarlyStopping keeps the best of the epochs it trained, however bad: a
+  fine-tune that swings down early (a fresh Nadam at 1e-3) and is stopped
+  there would otherwise hand on a worse model than it was given.
+
 Steps are pure functions jitted with `NamedSharding`s over the ('data',) mesh
 of all devices of all processes, so one code path covers CPU, GPU, TPU and
-several hosts. Only host 0 writes logs, TensorBoard events and JSON files.
+several hosts. Only host 0 writes logs, TensorBoard events and JSON files;
+host 0 also holds the workdir's lock file for the whole run.
 """
 
+import contextlib
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from absl import logging
 from clu import metric_writers
@@ -43,19 +55,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from optax.contrib import reduce_on_plateau
 
 from gender_jax import augment
+from gender_jax import callbacks
 from gender_jax import checkpointing
+from gender_jax import cli
 from gender_jax import config_lib
 from gender_jax import dataset
 from gender_jax import input_pipeline
+from gender_jax import locking
 from gender_jax import models
+from gender_jax import precise_bn
 from gender_jax import sharding
 
 RESULTS_FILE = 'results.json'
+LOCK_FILE = 'lock'
 # Keras Nadam defaults (beta_1, beta_2, epsilon).
 NADAM_B1, NADAM_B2, NADAM_EPS = 0.9, 0.999, 1e-7
+# Config fields that shape the variables: a workdir's checkpoints only fit a
+# run with the same values.
+_ARCHITECTURE_FIELDS = ('model', 'image_size')
 
 
 class TrainingError(RuntimeError):
@@ -71,57 +90,11 @@ class TrainState(train_state.TrainState):
 
 
 @flax.struct.dataclass
-class TrainMetrics(metrics.Collection):
+class Metrics(metrics.Collection):
+  """Mean loss and accuracy; over a padded eval batch the mask makes it exact
+  (sums over real examples divided by their count)."""
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Average.from_output('accuracy')
-
-
-@flax.struct.dataclass
-class EvalMetrics(metrics.Collection):
-  """Exact over a split: sums over the mask divided by the mask count."""
-  loss: metrics.Average.from_output('loss')
-  accuracy: metrics.Average.from_output('accuracy')
-
-
-# ----------------------------------------------------------------------------
-# Multi-host.
-
-
-def maybe_initialize_distributed(config: Optional[ml_collections.ConfigDict]
-                                 = None) -> bool:
-  """Calls `jax.distributed.initialize` when asked to; True if it did.
-
-  Asked by `config.distributed` or by the environment
-  (`JAX_COORDINATOR_ADDRESS`, with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`).
-  Without the address, `initialize()` auto-detects the cluster (TPU pods,
-  SLURM, ...). On CPU, collectives across processes use gloo. Must run before
-  anything touches the devices.
-  """
-  env = os.environ
-  wanted = bool(config is not None and config.get('distributed', False))
-  if not (wanted or env.get('JAX_COORDINATOR_ADDRESS')):
-    return False
-  if jax.distributed.is_initialized():
-    return True
-  kwargs = {}
-  if env.get('JAX_NUM_PROCESSES'):
-    kwargs['num_processes'] = int(env['JAX_NUM_PROCESSES'])
-  if env.get('JAX_PROCESS_ID'):
-    kwargs['process_id'] = int(env['JAX_PROCESS_ID'])
-  if env.get('JAX_PLATFORMS', '').startswith('cpu') or not _has_accelerator():
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**kwargs)
-  logging.info('jax.distributed: process %d of %d, %d devices in all.',
-               jax.process_index(), jax.process_count(), jax.device_count())
-  return True
-
-
-def _has_accelerator() -> bool:
-  """Whether a GPU/TPU plugin is installed (without initialising backends)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  return any(importlib.util.find_spec(name) is not None
-             for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu',
-                          'jax_rocm60_plugin'))
 
 
 # ----------------------------------------------------------------------------
@@ -166,15 +139,36 @@ def init_state(config, model, mesh) -> TrainState:
   return state
 
 
+def _architecture_mismatch(config, other, other_name: str) -> Optional[str]:
+  """Names the architecture fields where `config` and `other` differ."""
+  diffs = [f'{key}={config[key]!r} here, {other[key]!r} in {other_name}'
+           for key in _ARCHITECTURE_FIELDS
+           if tuple(np.atleast_1d(other[key])) != tuple(
+               np.atleast_1d(config[key]))]
+  return '; '.join(diffs) or None
+
+
 def _check_init_from(config) -> None:
   """Stage 2 must build the model stage 1 trained (same size and widths)."""
   source = checkpointing.read_config(config.init_from)
-  for key in ('model', 'image_size'):
-    if tuple(np.atleast_1d(source[key])) != tuple(np.atleast_1d(config[key])):
-      raise TrainingError(
-          f'config.{key}={config[key]!r} but the run in config.init_from='
-          f'{config.init_from!r} used {source[key]!r}; fine-tune with the same '
-          f'--config.{key} as stage 1.')
+  mismatch = _architecture_mismatch(config, source, config.init_from)
+  if mismatch:
+    raise cli.UserError(
+        f'config.init_from={config.init_from!r} holds another model '
+        f'({mismatch}); fine-tune with the same --config.model and '
+        '--config.image_size as stage 1.')
+
+
+def _check_resume(config, workdir: str) -> None:
+  """A workdir with checkpoints only resumes with the same architecture."""
+  if not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+    return
+  mismatch = _architecture_mismatch(config, checkpointing.read_config(workdir),
+                                    os.path.join(workdir, 'config.json'))
+  if mismatch:
+    raise cli.UserError(
+        f'--workdir={workdir} holds a run of another model ({mismatch}); '
+        'resume it with its own settings or train in a new --workdir.')
 
 
 def abstract_state(config, model, mesh):
@@ -195,17 +189,24 @@ def per_example_metrics(logits, labels):
   return loss, correct
 
 
+def model_inputs(batch, rng, *, config):
+  """(images, dropout_rng) the model trains on: the batch's images,
+  augmented when `config.augment`, and a dropout key, both drawn from `rng`."""
+  aug_rng, dropout_rng = jax.random.split(rng)
+  images = batch['image']
+  if config.augment:
+    images = augment.augment_batch(aug_rng, images, config.aug)
+  return images, dropout_rng
+
+
 def train_step(state: TrainState, batch, rng, *, model, config):
-  """One Nadam step on a global batch; returns (state, TrainMetrics).
+  """One Nadam step on a global batch; returns (state, Metrics).
 
   Augmentation (if `config.augment`) and dropout use keys folded from `rng`
   and the step number, so a resumed run draws the same randomness.
   """
-  step_rng = jax.random.fold_in(rng, state.step)
-  aug_rng, dropout_rng = jax.random.split(step_rng)
-  images = batch['image']
-  if config.augment:
-    images = augment.augment_batch(aug_rng, images, config.aug)
+  images, dropout_rng = model_inputs(
+      batch, jax.random.fold_in(rng, state.step), config=config)
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -217,16 +218,15 @@ def train_step(state: TrainState, batch, rng, *, model, config):
   grads, (batch_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(
       state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return state, TrainMetrics.single_from_model_output(loss=loss,
-                                                      accuracy=correct)
+  return state, Metrics.single_from_model_output(loss=loss, accuracy=correct)
 
 
 def eval_step(variables, batch, *, model):
   """Masked loss/accuracy sums of a padded global batch (inference mode)."""
   logits = model.apply(variables, batch['image'], train=False)
   loss, correct = per_example_metrics(logits, batch['label'])
-  return EvalMetrics.single_from_model_output(loss=loss, accuracy=correct,
-                                              mask=batch['mask'])
+  return Metrics.single_from_model_output(loss=loss, accuracy=correct,
+                                          mask=batch['mask'])
 
 
 def make_train_step(config, model, mesh) -> Callable:
@@ -242,7 +242,7 @@ def make_train_step(config, model, mesh) -> Callable:
 
 
 def make_eval_step(model, mesh) -> Callable:
-  """`eval_step` jitted for `mesh`: (variables, batch) -> EvalMetrics."""
+  """`eval_step` jitted for `mesh`: (variables, batch) -> Metrics."""
   replicated = sharding.replicated(mesh)
   return jax.jit(functools.partial(eval_step, model=model),
                  in_shardings=(replicated, sharding.data_sharding(mesh)),
@@ -282,77 +282,37 @@ def evaluate(eval_fn, variables, config, builder, mesh,
 
 
 # ----------------------------------------------------------------------------
-# Keras callbacks as pure bookkeeping (JSON-serialisable, checkpointed).
-
-
-def _plateau(config):
-  return reduce_on_plateau(
-      factor=config.plateau_factor, patience=config.plateau_patience,
-      rtol=0.0, atol=config.plateau_min_delta,
-      min_scale=config.min_learning_rate / config.learning_rate)
-
-
-def _json_float(x: float) -> Optional[float]:
-  return None if math.isinf(x) else float(x)
-
-
-def _from_json_float(x: Optional[float], default: float) -> float:
-  return default if x is None else float(x)
-
-
-def new_loop_state() -> Dict[str, Any]:
-  """Bookkeeping of a fresh run."""
-  return {
-      'epoch': 0,          # Next epoch to run (0-based).
-      'epoch_step': 0,     # Batches of `epoch` already trained (mid-epoch).
-      'plateau': {'best_value': None, 'plateau_count': 0, 'scale': 1.0,
-                  'cooldown_count': 0},
-      'early_stopping': {'best_metric': None, 'patience_count': 0},
-      'best': None,        # Meta of the best model so far.
-      'stopped_early': False,
-      'history': [],
-      'train_seconds': 0.0,
-  }
-
-
-def update_plateau(config, plateau: Dict[str, Any],
-                   val_loss: float) -> Dict[str, Any]:
-  """One Keras ReduceLROnPlateau epoch update; returns the new bookkeeping."""
-  tx = _plateau(config)
-  state = tx.init({})._replace(
-      best_value=jnp.asarray(
-          _from_json_float(plateau['best_value'], float('inf')), jnp.float32),
-      plateau_count=jnp.asarray(plateau['plateau_count'], jnp.int32),
-      scale=jnp.asarray(plateau['scale'], jnp.float32),
-      cooldown_count=jnp.asarray(plateau['cooldown_count'], jnp.int32))
-  _, state = tx.update({}, state, value=jnp.asarray(val_loss, jnp.float32))
-  return {'best_value': _json_float(float(state.best_value)),
-          'plateau_count': int(state.plateau_count),
-          'scale': float(state.scale),
-          'cooldown_count': int(state.cooldown_count)}
-
-
-def update_early_stopping(config, es: Dict[str, Any], val_accuracy: float):
-  """One Keras EarlyStopping epoch update: (bookkeeping, improved, stop).
-
-  Keras' rule written out rather than `flax.training.early_stopping`: flax
-  tests `best - metric > min_delta`, Keras `current - min_delta > best`, and
-  the two round differently when an accuracy gain is exactly `min_delta` (3
-  images of a 3,000-image validation set), which Keras rejects and flax
-  accepts; flax also stops one epoch later than Keras.
-  """
-  best = _from_json_float(es['best_metric'], -float('inf'))
-  wait = es['patience_count'] + 1
-  improved = float(val_accuracy) - config.early_stopping_min_delta > best
-  if improved:
-    best, wait = float(val_accuracy), 0
-  stop = not improved and wait >= config.early_stopping_patience
-  return ({'best_metric': _json_float(best), 'patience_count': wait},
-          improved, stop)
-
-
-# ----------------------------------------------------------------------------
 # The loop.
+
+
+@dataclasses.dataclass
+class LoopState:
+  """The epoch loop's bookkeeping, checkpointed as JSON with each train state.
+
+  `epoch` is the next epoch to run (0-based) and `epoch_step` the batches of
+  it already trained (a mid-epoch checkpoint). `history` holds one record per
+  finished epoch (epoch 0: the `init_baseline` evaluation); `best` is the
+  meta of the best model so far.
+  """
+  plateau: callbacks.Plateau
+  early_stopping: callbacks.EarlyStopping = dataclasses.field(
+      default_factory=callbacks.EarlyStopping)
+  epoch: int = 0
+  epoch_step: int = 0
+  best: Optional[Dict[str, Any]] = None
+  stopped_early: bool = False
+  history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  train_seconds: float = 0.0
+
+  def to_json(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Dict[str, Any]) -> 'LoopState':
+    data = dict(data)
+    return cls(plateau=callbacks.Plateau(**data.pop('plateau')),
+               early_stopping=callbacks.EarlyStopping(
+                   **data.pop('early_stopping')), **data)
 
 
 def _check_finite(values: Dict[str, float], what: str, step: int,
@@ -376,99 +336,134 @@ def _write_json(path: str, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _final_evaluation(config, builder, mesh, model, workdir,
-                      loop) -> Dict[str, Any]:
-  """Evaluates the best model on validation and (if present) test."""
-  variables, meta = checkpointing.restore_best(
-      workdir, config, sharding=sharding.replicated(mesh))
-  eval_fn = make_eval_step(model, mesh)
-  results = {}
-  for split in (config.eval_split, 'test'):
-    if split == 'test' and 'test' not in builder.info.splits:
-      continue
-    results[split] = evaluate(eval_fn, variables, config, builder, mesh, split)
-    logging.info('Best model (epoch %d) on %s: %s', meta['epoch'], split,
-                 results[split])
-  return {
-      'best_epoch': meta['epoch'],
-      'best_val_accuracy': meta['val_accuracy'],
-      'best_step': meta['step'],
-      'epochs_run': loop['epoch'],
-      'stopped_early': loop['stopped_early'],
-      'train_seconds': round(loop['train_seconds'], 1),
-      'init_from': config.init_from,
-      'final_evaluation': results,
-      'history': loop['history'],
-  }
+class _Run:
+  """One training run in a workdir: its data, jitted steps and writers."""
 
+  def __init__(self, config, workdir, builder, mesh, checkpointer, writer):
+    self.config, self.workdir, self.builder = config, workdir, builder
+    self.mesh, self.checkpointer, self.writer = mesh, checkpointer, writer
+    self.model = models.create_model(config)
+    self.steps_per_epoch = input_pipeline.train_steps_per_epoch(config,
+                                                                builder)
+    self.train_fn = make_train_step(config, self.model, mesh)
+    self.eval_fn = make_eval_step(self.model, mesh)
+    replicated = sharding.replicated(mesh)
+    self.rng = jax.jit(lambda: jax.random.key(config.seed),
+                       out_shardings=replicated)()
+    self.stats_fn = None
+    if config.precise_bn_batches:
+      self.stats_fn = precise_bn.make_stats_step(
+          self.model, functools.partial(model_inputs, config=config), mesh)
+      self.bn_rng = jax.jit(lambda: jax.random.key(config.seed + 1),
+                            out_shardings=replicated)()
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Dict[str, Any]:
-  """Trains (or resumes) in `workdir`, then evaluates the best model.
+  def start(self):
+    """(state, loop): resumed from the latest checkpoint, or fresh."""
+    restored = self.checkpointer.restore_latest(
+        abstract_state(self.config, self.model, self.mesh))
+    if restored is not None:
+      state, loop = restored[0], LoopState.from_json(restored[1])
+      logging.info('Resuming from %s at step %d (epoch %d, batch %d).',
+                   self.workdir, int(state.step), loop.epoch + 1,
+                   loop.epoch_step)
+      return state, loop
+    state = init_state(self.config, self.model, self.mesh)
+    loop = LoopState(plateau=callbacks.Plateau.start(
+        self.config.learning_rate))
+    if self.config.init_from and self.config.init_baseline:
+      state = self.validate(state, loop, epoch=0, train_values=None,
+                            epoch_start=time.time())
+    return state, loop
 
-  Returns the summary also written to `<workdir>/results.json`.
-  """
-  start_time = time.time()
-  maybe_initialize_distributed(config)
-  config_lib.validate(config)
-  builder = dataset.load_builder(config.data_dir, config.dataset)
-  stored = input_pipeline.stored_image_size(builder)
-  mesh = sharding.make_mesh()
-  checkpointing.write_config(workdir, config)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  model = models.create_model(config)
-  checkpointer = checkpointing.Checkpointer(workdir)
-  try:
-    summary = _train(config, workdir, builder, mesh, model, checkpointer,
-                     writer)
-    summary['total_seconds'] = round(time.time() - start_time, 1)
-    summary['image_size'] = list(config.image_size)
-    summary['stored_image_size'] = list(stored)
-    summary['devices'] = jax.device_count()
-    summary['processes'] = jax.process_count()
-    _write_json(os.path.join(workdir, RESULTS_FILE), summary)
-    final = summary['final_evaluation']
-    writer.write_scalars(summary['best_step'], {
-        f'final/{split}_{k}': v for split, r in final.items()
-        for k, v in r.items() if k != 'count'})
-  finally:
-    writer.flush()
-    checkpointer.close()
-  return summary
+  def precise_batch_stats(self, state: TrainState, epoch: int) -> TrainState:
+    """`state` with BatchNorm statistics recomputed on epoch `epoch`'s first
+    `precise_bn_batches` training batches (see `gender_jax.precise_bn`)."""
+    batches = input_pipeline.train_iterator(self.config, self.builder,
+                                            self.mesh, epoch)
+    stats = precise_bn.recompute(
+        self.stats_fn, state.variables(), batches,
+        jax.random.fold_in(self.bn_rng, epoch), self.config.precise_bn_batches)
+    return state.replace(batch_stats=stats)
 
+  def validate(self, state, loop: LoopState, epoch: int,
+               train_values: Optional[Dict[str, float]],
+               epoch_start: float) -> TrainState:
+    """Ends epoch `epoch` (1-based; 0 = the baseline before training): precise
+    BN, validation, the Keras rules, best and latest checkpoints, logs.
+    Updates `loop` in place; returns the state (new BatchNorm statistics)."""
+    config, step = self.config, int(state.step)
+    train_seconds = time.time() - epoch_start
+    if self.stats_fn is not None:
+      state = self.precise_batch_stats(state, max(epoch - 1, 0))
+    val = evaluate(self.eval_fn, state.variables(), config, self.builder,
+                   self.mesh, config.eval_split)
+    _check_finite({'val_loss': val['loss']}, 'validation loss', step,
+                  self.checkpointer, self.workdir)
+    lr = loop.plateau.learning_rate
+    if epoch > 0:
+      loop.plateau = callbacks.update_plateau(config, loop.plateau,
+                                              val['loss'])
+    loop.early_stopping, improved, stop = callbacks.update_early_stopping(
+        config, loop.early_stopping, val['accuracy'])
+    record = {'epoch': epoch, 'step': step, 'learning_rate': lr,
+              'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
+              'epoch_seconds': time.time() - epoch_start}
+    if train_values is not None:
+      trained = self.steps_per_epoch - loop.epoch_step
+      record.update(train_loss=train_values['loss'],
+                    train_accuracy=train_values['accuracy'],
+                    images_per_sec=trained * config.batch_size / train_seconds,
+                    train_seconds=train_seconds)
+    if improved:
+      loop.best = {'epoch': epoch, 'step': step,
+                   'val_accuracy': val['accuracy'], 'val_loss': val['loss'],
+                   'init_from': config.init_from}
+      self.checkpointer.save_best(step, state.variables(), loop.best)
+    loop.epoch, loop.epoch_step = max(epoch, loop.epoch), 0
+    loop.stopped_early = bool(stop)
+    loop.history = loop.history + [record]
+    loop.train_seconds += record['epoch_seconds']
+    self.checkpointer.save_latest(step, state, loop.to_json())
+    self._log_epoch(record, improved, stop)
+    return state
 
-def _train(config, workdir, builder, mesh, model, checkpointer, writer):
-  """The epoch loop; returns the summary of `_final_evaluation`."""
-  steps_per_epoch = input_pipeline.train_steps_per_epoch(config, builder)
-  restored = checkpointer.restore_latest(abstract_state(config, model, mesh))
-  if restored is None:
-    state, loop = init_state(config, model, mesh), new_loop_state()
-  else:
-    state, loop = restored
-    logging.info('Resuming from %s at step %d (epoch %d, batch %d).',
-                 workdir, int(state.step), loop['epoch'] + 1,
-                 loop['epoch_step'])
-  train_fn = make_train_step(config, model, mesh)
-  eval_fn = make_eval_step(model, mesh)
-  rng = jax.jit(lambda: jax.random.key(config.seed),
-                out_shardings=sharding.replicated(mesh))()
-  step = int(state.step)
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=config.num_epochs * steps_per_epoch, writer=writer)
-  hooks = [report_progress]
+  def _log_epoch(self, record, improved: bool, stop: bool) -> None:
+    config, epoch = self.config, record['epoch']
+    if epoch == 0:
+      logging.info('Epoch 0 (the model from %s, before any step): val_loss '
+                   '%.4f val_acc %.4f | baseline', config.init_from,
+                   record['val_loss'], record['val_accuracy'])
+    else:
+      logging.info(
+          'Epoch %d/%d: loss %.4f acc %.4f | val_loss %.4f val_acc %.4f | '
+          'lr %g | %.0f images/s%s%s', epoch, config.num_epochs,
+          record['train_loss'], record['train_accuracy'], record['val_loss'],
+          record['val_accuracy'], record['learning_rate'],
+          record['images_per_sec'], ' | best' if improved else '',
+          ' | early stop' if stop else '')
+    scalars = {'epoch': epoch, 'val_loss': record['val_loss'],
+               'val_accuracy': record['val_accuracy'],
+               'learning_rate': record['learning_rate']}
+    if 'train_loss' in record:
+      scalars.update(epoch_train_loss=record['train_loss'],
+                     epoch_train_accuracy=record['train_accuracy'],
+                     epoch_images_per_sec=record['images_per_sec'])
+    self.writer.write_scalars(record['step'], scalars)
+    self.writer.flush()
 
-  while loop['epoch'] < config.num_epochs and not loop['stopped_early']:
-    epoch = loop['epoch']
-    lr = config.learning_rate * loop['plateau']['scale']
-    state = set_learning_rate(state, lr, mesh)
+  def train_epoch(self, state, loop: LoopState, hooks) -> TrainState:
+    """Trains epoch `loop.epoch` from batch `loop.epoch_step`, then validates."""
+    config, epoch = self.config, loop.epoch
+    lr = loop.plateau.learning_rate
+    state = set_learning_rate(state, lr, self.mesh)
     epoch_metrics = window = None
     epoch_start = window_start = time.time()
     window_steps = 0
-    batches = input_pipeline.train_iterator(config, builder, mesh, epoch,
-                                            loop['epoch_step'])
-    for epoch_step, batch in enumerate(batches, start=loop['epoch_step'] + 1):
-      state, update = train_fn(state, batch, rng)
+    step = int(state.step)
+    batches = input_pipeline.train_iterator(config, self.builder, self.mesh,
+                                            epoch, loop.epoch_step)
+    for epoch_step, batch in enumerate(batches, start=loop.epoch_step + 1):
+      state, update = self.train_fn(state, batch, self.rng)
       step += 1
       window_steps += 1
       window = update if window is None else window.merge(update)
@@ -479,66 +474,118 @@ def _train(config, workdir, builder, mesh, model, checkpointer, writer):
       if step % config.log_every_steps == 0:
         values = {f'train_{k}': float(v)
                   for k, v in window.compute().items()}
-        _check_finite(values, 'training loss', step, checkpointer, workdir)
+        _check_finite(values, 'training loss', step, self.checkpointer,
+                      self.workdir)
         now = time.time()
         values['images_per_sec'] = (window_steps * config.batch_size
                                     / (now - window_start))
         values['learning_rate'] = lr
-        writer.write_scalars(step, values)
+        self.writer.write_scalars(step, values)
         window, window_steps, window_start = None, 0, now
       if (config.checkpoint_every_steps
           and step % config.checkpoint_every_steps == 0
-          and epoch_step < steps_per_epoch):
+          and epoch_step < self.steps_per_epoch):
         values = {k: float(v) for k, v in epoch_metrics.compute().items()}
-        _check_finite(values, 'training loss', step, checkpointer, workdir)
-        checkpointer.save_latest(step, state, {**loop,
-                                               'epoch_step': epoch_step})
-    train_seconds = time.time() - epoch_start
-    trained = steps_per_epoch - loop['epoch_step']
+        _check_finite(values, 'training loss', step, self.checkpointer,
+                      self.workdir)
+        self.checkpointer.save_latest(step, state, dataclasses.replace(
+            loop, epoch_step=epoch_step).to_json())
     if epoch_metrics is None:
       raise TrainingError(f'epoch {epoch + 1} yielded no training batches.')
-
     train_values = {k: float(v) for k, v in epoch_metrics.compute().items()}
-    _check_finite(train_values, 'training loss', step, checkpointer, workdir)
-    val = evaluate(eval_fn, state.variables(), config, builder, mesh,
-                   config.eval_split)
-    _check_finite({'val_loss': val['loss']}, 'validation loss', step,
-                  checkpointer, workdir)
-    plateau = update_plateau(config, loop['plateau'], val['loss'])
-    es, improved, stop = update_early_stopping(config, loop['early_stopping'],
-                                               val['accuracy'])
-    record = {
-        'epoch': epoch + 1, 'step': step, 'learning_rate': lr,
-        'train_loss': train_values['loss'],
-        'train_accuracy': train_values['accuracy'],
-        'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
-        'images_per_sec': trained * config.batch_size / train_seconds,
-        'train_seconds': train_seconds,
-        'epoch_seconds': time.time() - epoch_start,
-    }
-    if improved:
-      best = {'epoch': epoch + 1, 'step': step, 'val_accuracy': val['accuracy'],
-              'val_loss': val['loss'], 'init_from': config.init_from}
-      checkpointer.save_best(step, state.variables(), best)
-      loop['best'] = best
-    loop.update(epoch=epoch + 1, epoch_step=0, plateau=plateau,
-                early_stopping=es, stopped_early=bool(stop),
-                history=loop['history'] + [record],
-                train_seconds=loop['train_seconds'] + record['epoch_seconds'])
-    checkpointer.save_latest(step, state, loop)
-    logging.info(
-        'Epoch %d/%d: loss %.4f acc %.4f | val_loss %.4f val_acc %.4f | lr %g '
-        '| %.0f images/s%s%s', epoch + 1, config.num_epochs,
-        record['train_loss'], record['train_accuracy'], record['val_loss'],
-        record['val_accuracy'], lr, record['images_per_sec'],
-        ' | best' if improved else '', ' | early stop' if stop else '')
-    writer.write_scalars(step, {
-        'epoch': epoch + 1, 'epoch_train_loss': record['train_loss'],
-        'epoch_train_accuracy': record['train_accuracy'],
-        'val_loss': record['val_loss'], 'val_accuracy': record['val_accuracy'],
-        'learning_rate': lr, 'epoch_images_per_sec': record['images_per_sec']})
-    writer.flush()
+    _check_finite(train_values, 'training loss', step, self.checkpointer,
+                  self.workdir)
+    return self.validate(state, loop, epoch + 1, train_values, epoch_start)
 
-  if loop['best'] is None:
-    raise TrainingError(f'{workdir} has no best model: no epoch finished.')
-  return _final_evaluation(config, builder, mesh, model, workdir, loop)
+  def final_evaluation(self, loop: LoopState) -> Dict[str, Any]:
+    """Evaluates the best model on validation and (if present) test."""
+    if loop.best is None:
+      raise TrainingError(f'{self.workdir} has no best model: no epoch '
+                          'finished.')
+    if loop.best['epoch'] == 0:
+      logging.warning(
+          'No epoch of this fine-tune beat its starting point (epoch 0, '
+          'val_accuracy %.4f, from %s): best/ holds that starting model.',
+          loop.best['val_accuracy'], self.config.init_from)
+    variables, meta = checkpointing.restore_best(
+        self.workdir, self.config, sharding=sharding.replicated(self.mesh))
+    results = {}
+    for split in (self.config.eval_split, 'test'):
+      if split == 'test' and 'test' not in self.builder.info.splits:
+        continue
+      results[split] = evaluate(self.eval_fn, variables, self.config,
+                                self.builder, self.mesh, split)
+      logging.info('Best model (epoch %d) on %s: %s', meta['epoch'], split,
+                   results[split])
+    return {
+        'best_epoch': meta['epoch'],
+        'best_val_accuracy': meta['val_accuracy'],
+        'best_step': meta['step'],
+        'epochs_run': loop.epoch,
+        'stopped_early': loop.stopped_early,
+        'train_seconds': round(loop.train_seconds, 1),
+        'init_from': self.config.init_from,
+        'final_evaluation': results,
+        'history': loop.history,
+    }
+
+  def run(self) -> Dict[str, Any]:
+    """The epoch loop; returns the summary of `final_evaluation`."""
+    state, loop = self.start()
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=self.config.num_epochs * self.steps_per_epoch,
+        writer=self.writer)
+    while loop.epoch < self.config.num_epochs and not loop.stopped_early:
+      state = self.train_epoch(state, loop, [report_progress])
+    return self.final_evaluation(loop)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> Dict[str, Any]:
+  """Trains (or resumes) in `workdir`, then evaluates the best model.
+
+  Everything a user can get wrong (config values, dataset, batch size, the
+  workdir's or `init_from`'s model) is checked before the workdir is touched
+  and raised as `cli.UserError`; a second process on the same workdir stops
+  with `locking.LockedError`. `config.json` is written with the run's first
+  checkpoint. Returns the summary also written to `<workdir>/results.json`.
+  """
+  start_time = time.time()
+  sharding.maybe_initialize_distributed(config)
+  config_lib.validate(config)
+  builder = dataset.load_builder(config.data_dir, config.dataset)
+  stored = input_pipeline.stored_image_size(builder)
+  input_pipeline.train_steps_per_epoch(config, builder)
+  input_pipeline.eval_steps(config, builder, config.eval_split)
+  if config.init_from:
+    _check_init_from(config)
+  mesh = sharding.make_mesh()
+  with _workdir_lock(workdir):
+    _check_resume(config, workdir)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    checkpointer = checkpointing.Checkpointer(workdir, config)
+    try:
+      summary = _Run(config, workdir, builder, mesh, checkpointer,
+                     writer).run()
+      summary['total_seconds'] = round(time.time() - start_time, 1)
+      summary['image_size'] = list(config.image_size)
+      summary['stored_image_size'] = list(stored)
+      summary['devices'] = jax.device_count()
+      summary['processes'] = jax.process_count()
+      _write_json(os.path.join(workdir, RESULTS_FILE), summary)
+      writer.write_scalars(summary['best_step'], {
+          f'final/{split}_{k}': v
+          for split, r in summary['final_evaluation'].items()
+          for k, v in r.items() if k != 'count'})
+    finally:
+      writer.flush()
+      checkpointer.close()
+  return summary
+
+
+def _workdir_lock(workdir: str):
+  """Host 0 holds `<workdir>/lock` for the run; other hosts join its run."""
+  if jax.process_index() > 0:
+    return contextlib.nullcontext()
+  return locking.hold(os.path.join(workdir, LOCK_FILE), f'workdir {workdir}')

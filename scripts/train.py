@@ -13,11 +13,9 @@ its latest checkpoint. TensorBoard: tensorboard --logdir=<workdir>.
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from gender_jax import cli
@@ -35,18 +33,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
-  config = flags.FLAGS.config
-  try:
-    config_lib.validate(config)
-  except ValueError as e:
-    sys.exit(f'ERROR: {e}')
-  # Before anything touches the devices.
-  train.maybe_initialize_distributed(config)
-  try:
-    summary = train.train_and_evaluate(config, _WORKDIR.value)
-  except (FileNotFoundError, train.TrainingError) as e:
-    logging.error('%s', e)
-    sys.exit(f'ERROR: {e}')
+  with cli.user_errors(__file__, FileNotFoundError, train.TrainingError):
+    summary = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
   final = summary['final_evaluation']
   print(json.dumps({'workdir': _WORKDIR.value,
                     'best_epoch': summary['best_epoch'],
