@@ -18,10 +18,10 @@ WORKER = r'''
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 data_dir, workdir, out = sys.argv[2:5]
-from gender_jax import train
-assert train.maybe_initialize_distributed()     # From JAX_* variables.
+from gender_jax import sharding, train
+assert sharding.maybe_initialize_distributed()  # From JAX_* variables.
 import jax, numpy as np
-from gender_jax import dataset, input_pipeline, models, sharding
+from gender_jax import dataset, input_pipeline, models
 from tests.conftest import tiny_train_config as tiny_config
 assert jax.process_count() == 2 and jax.device_count() == 2
 config = tiny_config(data_dir, num_epochs=2, steps_per_epoch=3)
