@@ -16,7 +16,8 @@ from absl import app
 from absl import flags
 
 from gender_jax import cli
-from gender_jax import evaluate
+cli.quiet_tensorflow()   # Before evaluate imports TensorFlow.
+from gender_jax import evaluate  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
                                required=True)
