@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from gender_jax import cli
 from gender_jax import config_lib
 from gender_jax import dataset
 from gender_jax import input_pipeline
@@ -115,7 +116,7 @@ def test_eval_steps_cap_and_unknown_split(data_dir):
       config, builder, sharding.make_mesh(), 'validation'))
   assert len(batches) == 1
   assert input_pipeline.num_examples(builder, 'train[:10]+validation') == 27
-  with pytest.raises(ValueError, match="'test' is not in the dataset"):
+  with pytest.raises(cli.UserError, match="'test' is not in the dataset"):
     input_pipeline.num_examples(builder, 'train+test')
 
 
