@@ -3,9 +3,11 @@
 import contextlib
 import logging as std_logging
 import os
+import re
 import sys
 from typing import Iterator, Type
 
+from absl import flags
 from absl import logging
 
 from gender_jax import cpu
@@ -32,7 +34,9 @@ def start() -> None:
   May re-execute the process once (see `gender_jax.cpu`).
   """
   cpu.reexec_with_malloc_tunables()
-  logging.get_absl_logger().addFilter(_drop_library_info)
+  # On the handler, so that records of other loggers (jax's backend probe
+  # logs "Unable to initialize backend 'tpu'" through its own) pass it too.
+  logging.get_absl_handler().addFilter(_drop_library_info)
 
 
 def quiet_tensorflow() -> None:
@@ -64,3 +68,27 @@ def user_errors(program: str, *also: Type[BaseException]) -> Iterator[None]:
     if logging.get_verbosity() >= 1:
       raise
     fail(os.path.basename(program), e)
+
+
+def parse_flags(argv):
+  """absl `app.run` flags parser for the scripts: a bad or missing flag, or an
+  unknown `--config.<key>` (ml_collections raises a bare AttributeError whose
+  text quotes the key and may suggest a near name), is one line on stderr and
+  exit status 2."""
+  program = os.path.basename(argv[0])
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(program, f'{str(e).rstrip(".")}. Run with --helpfull to list the '
+         'flags.')
+  except AttributeError as e:
+    text = str(e)
+    key = re.search(r'\w+', text)
+    key = key.group(0) if key else text
+    given = [a for a in argv[1:]
+             if re.match(rf'--config\.(\w+\.)*{re.escape(key)}(=|$)', a)]
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    fail(program, f'unknown config field {key!r}'
+         f'{" in " + " ".join(given) if given else ""}'
+         f'{" (did you mean " + repr(hint.group(1)) + "?)" if hint else ""}'
+         '; configs/default.py lists every field.')

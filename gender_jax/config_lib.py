@@ -2,10 +2,8 @@
 
 import importlib.util
 import os
-import re
 
 import ml_collections
-from absl import flags
 
 from gender_jax import cli
 
@@ -75,25 +73,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'a factor in [0, 1)')
   if e:
     raise ConfigError('invalid configuration: ' + '; '.join(e))
-
-
-def flags_parser(argv):
-  """absl `app.run` flags parser: a bad flag, or an unknown `--config.<key>`
-  (ml_collections raises a bare AttributeError whose text quotes the key
-  and may suggest a near name), is one line on stderr and exit status 2."""
-  program = os.path.basename(argv[0])
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    cli.fail(program, f'{e}. Run with --helpfull to list the flags.')
-  except AttributeError as e:
-    text = str(e)
-    key = re.search(r'\w+', text)
-    key = key.group(0) if key else text
-    given = [a for a in argv[1:]
-             if re.match(rf'--config\.(\w+\.)*{re.escape(key)}(=|$)', a)]
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    cli.fail(program, f'unknown config field {key!r}'
-             f'{" in " + " ".join(given) if given else ""}'
-             f'{" (did you mean " + repr(hint.group(1)) + "?)" if hint else ""}'
-             '; configs/default.py lists every field.')

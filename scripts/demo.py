@@ -14,8 +14,9 @@ from absl import app
 from absl import flags
 
 from gender_jax import cli
-from gender_jax import config_lib
-from gender_jax import demo
+cli.quiet_tensorflow()   # Before demo imports TensorFlow.
+from gender_jax import config_lib  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import demo  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _WORKDIR = flags.DEFINE_string('workdir', 'demo_workdir',
                                'Where the demo writes data, runs and labels.')

@@ -10,7 +10,6 @@ prints the report as a table. A mistake in the flags, workdir, dataset or
 split is one line on stderr and exit status 2.
 """
 
-import os
 
 from absl import app
 from absl import flags
@@ -37,13 +36,6 @@ _MAX_WRONG = flags.DEFINE_integer(
     lower_bound=0)
 
 
-def _parse_flags(argv):
-  """absl's flag parsing; a bad or missing flag is one line on stderr, exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    cli.fail(os.path.basename(argv[0]), e)
-
 
 def main(argv):
   cli.start()
@@ -64,4 +56,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -17,13 +17,13 @@ exit status 2.
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
 
 from gender_jax import cli
-from gender_jax import label
+cli.quiet_tensorflow()   # Before label imports TensorFlow.
+from gender_jax import label  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (its best '
                                'checkpoint is used).', required=True)
@@ -53,13 +53,6 @@ _PER_DIRECTORY = flags.DEFINE_bool(
     "disagree with their folder's majority or their given label.")
 
 
-def _parse_flags(argv):
-  """absl's flag parsing; a bad or missing flag is one line on stderr, exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    cli.fail(os.path.basename(argv[0]), e)
-
 
 def main(argv):
   cli.start()
@@ -76,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -25,7 +25,6 @@ from absl import flags
 
 from gender_jax import cli
 cli.quiet_tensorflow()   # Before prepare_data imports TensorFlow.
-from gender_jax import config_lib  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from gender_jax import prepare_data  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _RAW_DIR = flags.DEFINE_string('raw_dir', None, 'Raw image folder set.')
@@ -69,4 +68,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.flags_parser)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -19,8 +19,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from gender_jax import cli
-from gender_jax import config_lib
-from gender_jax import train
+cli.quiet_tensorflow()   # Before train imports TensorFlow.
+from gender_jax import train  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, '
                                'TensorBoard events and results.',
@@ -46,4 +46,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=config_lib.flags_parser)
+  app.run(main, flags_parser=cli.parse_flags)

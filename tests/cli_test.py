@@ -1,0 +1,62 @@
+"""Script start-up helpers: one-line user errors with exit status 2."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gender_jax import cli
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), 'configs')
+
+
+def test_user_errors_become_one_line_and_status_2(capsys):
+  with pytest.raises(SystemExit) as e:
+    with cli.user_errors('/x/prog.py', FileNotFoundError):
+      raise FileNotFoundError('no such\nfile')
+  assert e.value.code == 2
+  assert capsys.readouterr().err == 'prog.py: error: no such file\n'
+  with pytest.raises(KeyError):      # Our bugs keep their tracebacks.
+    with cli.user_errors('prog.py'):
+      raise KeyError('bug')
+
+
+def _run_flags(*args):
+  script = textwrap.dedent('''
+      from absl import app
+      from ml_collections import config_flags
+      from gender_jax import cli
+      CONFIG = config_flags.DEFINE_config_file('config')
+      def main(argv):
+        print('batch', CONFIG.value.batch_size, 'size', tuple(CONFIG.value.image_size))
+      app.run(main, flags_parser=cli.parse_flags)
+  ''')
+  return subprocess.run(
+      [sys.executable, '-c', script, f'--config={CONFIGS}/stage1.py', *args],
+      capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_overrides():
+  ok = _run_flags('--config.batch_size=64', '--config.image_size=112,96')
+  assert ok.returncode == 0, ok.stderr
+  assert 'batch 64 size (112, 96)' in ok.stdout
+
+
+@pytest.mark.parametrize('arg,needle', [
+    ('--config.no_such_field=1', "unknown config field 'no_such_field' in "
+     '--config.no_such_field=1;'),
+    ('--config.aug.no_such=1', "'no_such'"),
+    ('--config.bach_size=1', "'bach_size' in --config.bach_size=1 "
+     "(did you mean 'batch_size'?)"),
+    ('--config.batch_size=abc', 'config.batch_size'),
+    ('--confg.batch_size=1', 'confg.batch_size'),
+])
+def test_bad_overrides_fail_naming_the_key(arg, needle):
+  bad = _run_flags(arg)
+  assert bad.returncode == 2
+  assert needle in bad.stderr
+  assert 'Traceback' not in bad.stderr
+  assert '\\' not in bad.stderr   # No doubly quoted text.
