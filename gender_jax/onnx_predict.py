@@ -25,13 +25,19 @@ class OnnxModel:
   Args:
     model: path of an .onnx file, or the serialized model (bytes).
     num_threads: intra-op threads (default: ONNX Runtime's, the cores).
+    spinning: let idle intra-op threads busy-wait for the next op (ONNX
+      Runtime's default). Off by default: the labeller decodes images in
+      threads of the same process, and spinning workers take their CPU
+      (and that of other processes on a shared machine).
   """
 
   def __init__(self, model: Union[str, bytes],
-               num_threads: Optional[int] = None):
+               num_threads: Optional[int] = None, spinning: bool = False):
     options = ort.SessionOptions()
     if num_threads:
       options.intra_op_num_threads = num_threads
+    options.add_session_config_entry('session.intra_op.allow_spinning',
+                                     '1' if spinning else '0')
     self.session = ort.InferenceSession(
         model, options, providers=['CPUExecutionProvider'])
     (inp,) = self.session.get_inputs()
