@@ -15,8 +15,9 @@ from absl import app
 from absl import flags
 
 from gender_jax import cli
-from gender_jax import config_lib
-from gender_jax import keras_import
+cli.quiet_tensorflow()   # Before Keras (TensorFlow) is imported.
+from gender_jax import config_lib  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import keras_import  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _KERAS_MODEL = flags.DEFINE_string(
     'keras_model', None, 'Keras model file (.keras or .h5, saved with '

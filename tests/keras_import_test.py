@@ -223,6 +223,8 @@ def test_refuses_variable_input_size():
     keras_import.image_size(model)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_script_imports_and_fails_in_one_line(reference, tmp_path):
   path = str(tmp_path / 'm.h5')
   keras_model(reference, seed=5).save(path)

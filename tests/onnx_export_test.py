@@ -151,12 +151,14 @@ def test_fold_batchnorm_against_formula():
   np.testing.assert_allclose(x @ k + b, want, rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_predict_does_not_import_jax(tmp_path):
+@pytest.mark.multiprocess
+def test_onnx_predict_does_not_import_jax():
   code = ('import sys; from gender_jax import onnx_predict; '
           'assert "jax" not in sys.modules and "flax" not in sys.modules')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
 
 
+@pytest.mark.multiprocess
 def test_script_exports_and_fails_in_one_line(tmp_path, make_workdir):
   workdir = make_workdir(tmp_path / 'w')
   script = os.path.join(REPO, 'scripts', 'export.py')
