@@ -28,14 +28,14 @@ _INPUT_DTYPE = flags.DEFINE_enum('input_dtype', 'float32',
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
-  with cli.user_errors(__file__, FileNotFoundError):
+  with cli.user_errors(argv[0], FileNotFoundError):
+    if len(argv) > 1:
+      raise cli.UserError(f'unexpected arguments: {argv[1:]}')
     summary = onnx_export.export_workdir(_WORKDIR.value, _OUTPUT.value,
                                          input_dtype=_INPUT_DTYPE.value)
   print(json.dumps(summary, indent=2))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -30,15 +30,15 @@ _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
   base = config_lib.load_sibling(os.path.join(_CONFIGS, 'x'), 'default.py')
-  with cli.user_errors(__file__):
+  with cli.user_errors(argv[0]):
+    if len(argv) > 1:
+      raise cli.UserError(f'unexpected arguments: {argv[1:]}')
     summary = keras_import.import_keras(_KERAS_MODEL.value, _WORKDIR.value,
                                         base)
   print(json.dumps(summary, indent=2))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
