@@ -3,7 +3,7 @@
 The graph is written with onnx's helper API for this one architecture rather
 than traced by a converter: jax2onnx (the maintained JAX exporter) pulls in
 orbax-export, which downgrades the project's orbax-checkpoint, and a traced
-graph would carry the CPU training kernels of `gender_jax.models`
+graph would carry the CPU kernels of `gender_jax.cpu_kernels`
 (space-to-depth first conv, fused BatchNorm-swish-pool) instead of plain ops.
 It is built from the variable tree alone, with inference BatchNorm folded
 into the preceding layer:
