@@ -98,8 +98,10 @@ def _preprocess_fn(config, builder):
   if stored != wanted and (stored, wanted) not in _logged_resizes:
     _logged_resizes.add((stored, wanted))
     if jax.process_index() == 0:
-      log.info('dataset images are %dx%d; resizing to config.image_size '
-               '%dx%d in the input pipeline (bilinear).', *stored, *wanted)
+      log.warning('dataset images are %dx%d but config.image_size is %dx%d: '
+                  'resizing every image in the input pipeline (bilinear). '
+                  'Prepare the data at the model size to skip this.',
+                  *stored, *wanted)
 
   def preprocess(example):
     image = example[dataset.IMAGE_KEY]

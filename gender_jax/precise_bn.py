@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gender_jax import models
 from gender_jax import sharding
@@ -36,32 +37,37 @@ def batch_statistics(variables, images, dropout_rng, *, model) -> Any:
 
 
 def make_stats_step(model, prepare: Callable, mesh) -> Callable:
-  """Jitted (sums, variables, batch, rng) -> sums + one batch's statistics.
+  """Jitted (sums, variables, batch, rng, epoch, index) -> sums + the batch
+  statistics of batch `index` of epoch `epoch`.
 
   `prepare(batch, rng) -> (images, dropout_rng)` turns a batch into the
-  images the train step feeds the model (augmentation) and its dropout key.
+  images the train step feeds the model (augmentation) and its dropout key;
+  its rng is `rng` folded with `epoch` and `index`.
   """
-  def step(sums, variables, batch, rng):
+  def step(sums, variables, batch, rng, epoch, index):
+    rng = jax.random.fold_in(jax.random.fold_in(rng, epoch), index)
     images, dropout_rng = prepare(batch, rng)
     stats = batch_statistics(variables, images, dropout_rng, model=model)
     return jax.tree.map(jnp.add, sums, stats)
   replicated = sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, replicated,
-                                     sharding.data_sharding(mesh), replicated),
+                                     sharding.data_sharding(mesh), replicated,
+                                     replicated, replicated),
                  out_shardings=replicated, donate_argnums=0)
 
 
 def recompute(stats_step: Callable, variables, batches: Iterable, rng,
-              num_batches: int):
-  """Population batch_stats: the mean over `num_batches` batches of each
-  layer's batch mean and batch variance (`stats_step` from
-  `make_stats_step`); batch i uses `fold_in(rng, i)`."""
+              epoch: int, num_batches: int):
+  """Population batch_stats: the mean over the first `num_batches` of
+  `batches` (epoch `epoch`'s) of each layer's batch mean and batch variance
+  (`stats_step` from `make_stats_step`)."""
   sums = jax.tree.map(jnp.zeros_like, variables['batch_stats'])
   count = 0
   for batch in batches:
     if count == num_batches:
       break
-    sums = stats_step(sums, variables, batch, jax.random.fold_in(rng, count))
+    sums = stats_step(sums, variables, batch, rng, np.int32(epoch),
+                      np.int32(count))
     count += 1
   if not count:
     raise ValueError('precise BatchNorm got no training batches.')

@@ -267,6 +267,22 @@ def get_learning_rate(state: TrainState) -> float:
   return float(state.opt_state.hyperparams['learning_rate'])
 
 
+def make_precise_bn(config, model, mesh) -> Callable:
+  """(variables, builder, epoch) -> BatchNorm statistics recomputed on epoch
+  `epoch`'s first `config.precise_bn_batches` training batches, as the train
+  step sees them (see `gender_jax.precise_bn`)."""
+  stats_step = precise_bn.make_stats_step(
+      model, functools.partial(model_inputs, config=config), mesh)
+  rng = jax.jit(lambda: jax.random.key(config.seed + 1),
+                out_shardings=sharding.replicated(mesh))()
+
+  def batch_stats(variables, builder, epoch: int):
+    batches = input_pipeline.train_iterator(config, builder, mesh, epoch)
+    return precise_bn.recompute(stats_step, variables, batches, rng, epoch,
+                                config.precise_bn_batches)
+  return batch_stats
+
+
 def evaluate(eval_fn, variables, config, builder, mesh,
              split: str) -> Dict[str, float]:
   """Exact loss/accuracy of `variables` over a split (or its eval_steps cap)."""
@@ -347,15 +363,10 @@ class _Run:
                                                                 builder)
     self.train_fn = make_train_step(config, self.model, mesh)
     self.eval_fn = make_eval_step(self.model, mesh)
-    replicated = sharding.replicated(mesh)
     self.rng = jax.jit(lambda: jax.random.key(config.seed),
-                       out_shardings=replicated)()
-    self.stats_fn = None
-    if config.precise_bn_batches:
-      self.stats_fn = precise_bn.make_stats_step(
-          self.model, functools.partial(model_inputs, config=config), mesh)
-      self.bn_rng = jax.jit(lambda: jax.random.key(config.seed + 1),
-                            out_shardings=replicated)()
+                       out_shardings=sharding.replicated(mesh))()
+    self.precise_bn = (make_precise_bn(config, self.model, mesh)
+                       if config.precise_bn_batches else None)
 
   def start(self):
     """(state, loop): resumed from the latest checkpoint, or fresh."""
@@ -375,16 +386,6 @@ class _Run:
                             epoch_start=time.time())
     return state, loop
 
-  def precise_batch_stats(self, state: TrainState, epoch: int) -> TrainState:
-    """`state` with BatchNorm statistics recomputed on epoch `epoch`'s first
-    `precise_bn_batches` training batches (see `gender_jax.precise_bn`)."""
-    batches = input_pipeline.train_iterator(self.config, self.builder,
-                                            self.mesh, epoch)
-    stats = precise_bn.recompute(
-        self.stats_fn, state.variables(), batches,
-        jax.random.fold_in(self.bn_rng, epoch), self.config.precise_bn_batches)
-    return state.replace(batch_stats=stats)
-
   def validate(self, state, loop: LoopState, epoch: int,
                train_values: Optional[Dict[str, float]],
                epoch_start: float) -> TrainState:
@@ -393,8 +394,9 @@ class _Run:
     Updates `loop` in place; returns the state (new BatchNorm statistics)."""
     config, step = self.config, int(state.step)
     train_seconds = time.time() - epoch_start
-    if self.stats_fn is not None:
-      state = self.precise_batch_stats(state, max(epoch - 1, 0))
+    if self.precise_bn is not None:
+      state = state.replace(batch_stats=self.precise_bn(
+          state.variables(), self.builder, max(epoch - 1, 0)))
     val = evaluate(self.eval_fn, state.variables(), config, self.builder,
                    self.mesh, config.eval_split)
     _check_finite({'val_loss': val['loss']}, 'validation loss', step,

@@ -1,0 +1,68 @@
+r"""Validation/test accuracy of a workdir's best model with its BatchNorm
+running averages against precise BatchNorm statistics over N batches.
+
+The measurement behind the `precise_bn_batches` defaults: for each N it
+recomputes the statistics for the model's weights on N training batches of
+the workdir's own config (augmentation as in its training) and evaluates:
+
+  python benchmarks/precise_bn.py --workdir=runs/stage1 --batches=0,10,25,50,100
+
+N = 0 is the checkpoint as saved.
+"""
+
+import json
+import time
+
+from absl import app
+from absl import flags
+
+from gender_jax import checkpointing
+from gender_jax import cli
+from gender_jax import dataset
+from gender_jax import models
+from gender_jax import sharding
+from gender_jax import train
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
+                               required=True)
+_DATA_DIR = flags.DEFINE_string('data_dir', None,
+                                "TFDS data_dir (default: the workdir's).")
+_BATCHES = flags.DEFINE_list('batches', ['0', '10', '25', '50', '100'],
+                             'Numbers of training batches to try.')
+_SPLITS = flags.DEFINE_list('splits', ['validation', 'test'],
+                            'Splits to evaluate.')
+
+
+def main(argv):
+  del argv
+  cli.start()
+  config = checkpointing.read_config(_WORKDIR.value)
+  if _DATA_DIR.value:
+    config.data_dir = _DATA_DIR.value
+  mesh = sharding.make_mesh()
+  model = models.create_model(config)
+  variables, meta = checkpointing.restore_best(
+      _WORKDIR.value, config, sharding=sharding.replicated(mesh))
+  builder = dataset.load_builder(config.data_dir, config.dataset)
+  eval_fn = train.make_eval_step(model, mesh)
+  print(f'{_WORKDIR.value}: best epoch {meta["epoch"]}, augment '
+        f'{config.augment}, batch {config.batch_size}')
+  for n in map(int, _BATCHES.value):
+    start = time.time()
+    stats = variables['batch_stats']
+    if n:
+      config.precise_bn_batches = n
+      stats = train.make_precise_bn(config, model, mesh)(
+          variables, builder, meta['epoch'])
+    seconds = time.time() - start
+    row = {'batches': n, 'seconds': round(seconds, 1)}
+    for split in _SPLITS.value:
+      r = train.evaluate(eval_fn, {**variables, 'batch_stats': stats}, config,
+                         builder, mesh, split)
+      row[f'{split}_accuracy'] = round(r['accuracy'], 4)
+      row[f'{split}_loss'] = round(r['loss'], 4)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
