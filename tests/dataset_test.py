@@ -43,6 +43,8 @@ def test_load_builder_missing_says_how_to_make_it(tmp_path):
     dataset.load_builder(str(tmp_path))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_fresh_process_loads_with_tfds_only(tmp_path):
   """features.json names gender_jax.dataset.SerializedImage; TFDS imports it."""
   path = synthetic.make_tfds_dataset(

@@ -153,6 +153,8 @@ print('ok', len(masks), int(np.concatenate(masks).sum()))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_batches_sharded_over_eight_devices(data_dir):
   code = _SHARDED_CHECK.format(tests=os.path.dirname(__file__),
                                data_dir=data_dir)

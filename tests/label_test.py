@@ -105,6 +105,7 @@ def test_matches_predictor_on_decoded_images(workdir, images, tmp_path):
                              want['p_male'], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(workdir, images, tmp_path):
   images_dir, _ = images
   full = tmp_path / 'full.csv'
@@ -239,6 +240,7 @@ def test_arguments_sidecar_and_any_image_size(workdir, tmp_path):
   assert args['mc_samples'] == 1 and args['image_size'] == [24, 20]
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_gaps(workdir, images, tmp_path,
                                               monkeypatch):
   """A run stopped after 2 batches (KeyboardInterrupt) finishes on rerun."""
@@ -280,6 +282,7 @@ def test_second_run_on_the_same_output_is_refused(workdir, images, tmp_path):
   assert not (tmp_path / 'l.csv.lock').exists()
 
 
+@pytest.mark.slow
 def test_duplicate_rows_are_repaired_on_resume(workdir, images, tmp_path):
   """Two old-version runs on one output interleaved their rows; the next
   run keeps each image's first row, atomically, and says how many went."""
@@ -299,6 +302,7 @@ def test_duplicate_rows_are_repaired_on_resume(workdir, images, tmp_path):
   assert run(workdir, images_dir, dup, mc_samples=3)['num_rows_dropped'] == 0
 
 
+@pytest.mark.slow
 def test_file_names_that_are_not_utf8(workdir, images, tmp_path):
   """Old shares' latin-1 names: labelled, written byte for byte, resumed."""
   images_dir, _ = images
@@ -348,6 +352,8 @@ def test_outputs_are_never_inputs(workdir, images, tmp_path):
                            label.output_paths(str(tmp_path / 'x.csv'))) == set()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_script_user_errors_are_one_line_exit_2(workdir, images, tmp_path):
   """Missing workdir or folder, bad flags, a held lock: one line, status 2."""
   images_dir, _ = images

@@ -52,6 +52,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_train_identically(tmp_path):
   data_dir = str(tmp_path / 'data')
   synthetic.make_tfds_dataset(data_dir, image_size=(24, 20))

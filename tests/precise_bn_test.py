@@ -50,6 +50,7 @@ def _captured_inputs_of_norms(model, variables, images, dropout_rng):
   return inputs
 
 
+@pytest.mark.slow
 def test_statistics_equal_numpy_over_the_same_batches():
   config = tiny_config('unused', kernels='plain', augment=False,
                        flatten_dropout_rate=0.3)
@@ -79,6 +80,7 @@ def test_statistics_equal_numpy_over_the_same_batches():
                          state.batch_stats['BatchNorm_0']['mean'])
 
 
+@pytest.mark.slow
 def test_cpu_kernels_give_the_same_statistics():
   mesh = sharding.make_mesh()
   batches = _batches(2, seed=1)
@@ -108,6 +110,7 @@ print('PRECISE_BN_SHARDED_OK')
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_eight_devices_equal_one_device():
   out = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT, REPO],

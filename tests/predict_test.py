@@ -109,6 +109,8 @@ def test_bad_arguments(tiny_config):
     predict.make_predict_fn(model, mc_samples=0)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_four_devices_match_one(workdir, synthetic_batch):
   """Batches split over 4 host-platform devices: the same predictions."""
   images, _ = synthetic_batch(10, seed=6)

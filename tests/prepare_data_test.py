@@ -286,6 +286,8 @@ def _assert_user_error(out, *words):
     assert word in lines[0], (word, lines[0])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_script_wraps_shards_and_rejects_two_sources(tmp_path):
   _write_original_shards(str(tmp_path / 'orig'), np.random.default_rng(0))
   out = _run_script(f'--data_dir={tmp_path / "out"}',
@@ -300,6 +302,8 @@ def test_script_wraps_shards_and_rejects_two_sources(tmp_path):
   _assert_user_error(out, 'exactly one of --raw_dir or --tfrecord_dir')
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_script_summary_once_on_stdout_without_library_noise(tmp_path):
   root = str(tmp_path / 'raw')
   synthetic.make_raw_dataset(root, {'Train': (3, 3), 'Validation': (2, 2)})
@@ -315,6 +319,8 @@ def test_script_summary_once_on_stdout_without_library_noise(tmp_path):
     assert noise not in out.stderr, out.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize('case', ['no_validation', 'empty_class', 'unwritable',
                                   'exists', 'no_data_dir'])
 def test_script_user_errors_are_one_line_exit_2(tmp_path, case):
@@ -427,6 +433,8 @@ def _alive(pid):
     return False
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs /proc')
 def test_kill_9_leaves_no_workers_and_rerun_cleans_up(tmp_path, caplog):
   root, out = str(tmp_path / 'raw'), str(tmp_path / 'out')

@@ -73,6 +73,7 @@ def _assert_trees_equal(a, b):
 # Steps.
 
 
+@pytest.mark.slow
 def test_train_step_learns_and_updates_batch_stats(data_dir):
   config = tiny_config(data_dir)
   mesh = sharding.make_mesh()
@@ -158,6 +159,8 @@ print('SHARDED_OK', loss_a, loss_b)
 '''
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sharded_step_equals_single_device_step(compile_cache):
   """3 steps (augmentation + both dropouts) on 8 CPU devices vs 1 device."""
   out = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT, REPO],
@@ -172,6 +175,7 @@ def test_sharded_step_equals_single_device_step(compile_cache):
 # End to end.
 
 
+@pytest.mark.slow
 def test_stage1_then_stage2(data_dir, tmp_path):
   w1, w2 = str(tmp_path / 'w1'), str(tmp_path / 'w2')
   summary = train.train_and_evaluate(tiny_config(data_dir), w1)
@@ -217,6 +221,7 @@ def test_stage1_then_stage2(data_dir, tmp_path):
                                  image_size=(32, 24)), None, mesh)
 
 
+@pytest.mark.slow
 def test_stage2_keeps_its_baseline_when_it_cannot_improve(data_dir,
                                                           tmp_path):
   """A fine-tune at a negligible learning rate never beats epoch 0: best/ is
@@ -234,6 +239,7 @@ def test_stage2_keeps_its_baseline_when_it_cannot_improve(data_dir,
   _assert_trees_equal(best, stage1_best)
 
 
+@pytest.mark.slow
 def test_user_errors_leave_the_workdir_alone(data_dir, tmp_path):
   """Batch larger than the data: nothing is created. Another model in a
   trained workdir: refused up front, config.json unchanged. A live lock:
@@ -278,6 +284,7 @@ def _interrupt_after(monkeypatch, epoch_to_stop, batches):
   monkeypatch.setattr(input_pipeline, 'train_iterator', iterator)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_at_the_right_step(data_dir, tmp_path,
                                               monkeypatch):
   config = tiny_config(data_dir, checkpoint_every_steps=4)
@@ -310,6 +317,7 @@ def test_killed_run_resumes_at_the_right_step(data_dir, tmp_path,
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path,
                                                   monkeypatch):
   workdir = str(tmp_path / 'w')
@@ -327,6 +335,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path,
   assert checkpointing.read_config(workdir).checkpoint_every_steps == 0
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_script_missing_dataset_is_a_clear_error(tmp_path, compile_cache):
   out = subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
