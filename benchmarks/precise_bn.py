@@ -29,6 +29,9 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 "TFDS data_dir (default: the workdir's).")
 _BATCHES = flags.DEFINE_list('batches', ['0', '10', '25', '50', '100'],
                              'Numbers of training batches to try.')
+_STEP = flags.DEFINE_integer(
+    'step', None, 'A kept train-state checkpoint (checkpoints/<step>) '
+    'instead of the best model.')
 _SPLITS = flags.DEFINE_list('splits', ['validation', 'test'],
                             'Splits to evaluate.')
 
@@ -41,12 +44,17 @@ def main(argv):
     config.data_dir = _DATA_DIR.value
   mesh = sharding.make_mesh()
   model = models.create_model(config)
-  variables, meta = checkpointing.restore_best(
-      _WORKDIR.value, config, sharding=sharding.replicated(mesh))
+  if _STEP.value is None:
+    variables, meta = checkpointing.restore_best(
+        _WORKDIR.value, config, sharding=sharding.replicated(mesh))
+  else:
+    variables, meta = checkpointing.restore_latest_variables(
+        _WORKDIR.value, config, sharding=sharding.replicated(mesh),
+        step=_STEP.value)
   builder = dataset.load_builder(config.data_dir, config.dataset)
   eval_fn = train.make_eval_step(model, mesh)
-  print(f'{_WORKDIR.value}: best epoch {meta["epoch"]}, augment '
-        f'{config.augment}, batch {config.batch_size}')
+  print(f'{_WORKDIR.value}: step {meta["step"]}, epoch {meta["epoch"]}, '
+        f'augment {config.augment}, batch {config.batch_size}')
   for n in map(int, _BATCHES.value):
     start = time.time()
     stats = variables['batch_stats']

@@ -164,8 +164,9 @@ def load_model(workdir: str):
 
 def restore_latest_variables(workdir: str,
                              config: Optional[ml_collections.ConfigDict] = None,
-                             sharding=None):
-  """Returns ({'params','batch_stats'}, meta) of a workdir's latest train state.
+                             sharding=None, step: Optional[int] = None):
+  """Returns ({'params','batch_stats'}, meta) of a workdir's latest train state
+  (or of the kept one at `step`).
 
   Reads only those two collections and the step of ``checkpoints/<step>/state``
   (orbax partial restore), so the optimizer and its state are neither built nor
@@ -183,9 +184,14 @@ def restore_latest_variables(workdir: str,
   item['step'] = jax.ShapeDtypeStruct((), 'int32', sharding=sharding)
   manager = _manager(directory, 1)
   try:
-    step = manager.latest_step()
+    if step is None:
+      step = manager.latest_step()
     if step is None:
       raise missing
+    if step not in manager.all_steps():
+      raise FileNotFoundError(
+          f'No train-state checkpoint of step {step} in {directory}; it keeps '
+          f'steps {sorted(manager.all_steps())}.')
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=item, partial_restore=True,

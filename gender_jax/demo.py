@@ -47,6 +47,16 @@ def demo_config(base: ml_collections.ConfigDict, data_dir: str,
   return config
 
 
+def _print_stage(name: str, summary: dict, workdir: str) -> None:
+  """One line per stage: its best epoch and that model's accuracies."""
+  final = summary['final_evaluation']
+  kept = (' (no epoch beat the stage-1 model it started from: kept it)'
+          if summary['best_epoch'] == 0 else '')
+  print(f'[{name}] best epoch {summary["best_epoch"]}{kept}: validation '
+        f'accuracy {final["validation"]["accuracy"]:.4f}, test accuracy '
+        f'{final["test"]["accuracy"]:.4f} -> {workdir}', flush=True)
+
+
 def run_demo(stage1: ml_collections.ConfigDict,
              stage2: ml_collections.ConfigDict, workdir: str,
              stage1_epochs: int = 4, stage2_epochs: int = 2) -> dict:
@@ -67,13 +77,11 @@ def run_demo(stage1: ml_collections.ConfigDict,
   w1, w2 = os.path.join(workdir, 'stage1'), os.path.join(workdir, 'stage2')
   s1 = train.train_and_evaluate(
       demo_config(stage1, data_dir, stage1_epochs), w1)
-  print(f'[stage 1] best epoch {s1["best_epoch"]}, val accuracy '
-        f'{s1["best_val_accuracy"]:.4f} -> {w1}', flush=True)
+  _print_stage('stage 1', s1, w1)
   config2 = demo_config(stage2, data_dir, stage2_epochs)
   config2.init_from = w1
   s2 = train.train_and_evaluate(config2, w2)
-  print(f'[stage 2] best epoch {s2["best_epoch"]}, val accuracy '
-        f'{s2["best_val_accuracy"]:.4f} -> {w2}', flush=True)
+  _print_stage('stage 2', s2, w2)
 
   report = evaluate.evaluate(w2, split='test')
   print(evaluate.format_report(report), flush=True)
@@ -88,9 +96,13 @@ def run_demo(stage1: ml_collections.ConfigDict,
   result = {
       'workdir': workdir,
       'stage1_best_val_accuracy': s1['best_val_accuracy'],
+      'stage1_test_accuracy': s1['final_evaluation']['test']['accuracy'],
+      'stage2_best_epoch': s2['best_epoch'],
       'stage2_best_val_accuracy': s2['best_val_accuracy'],
       'test_accuracy': report['accuracy'],
+      'test_ece': report['ece'],
       'labels_csv': labels_csv,
+      'mislabel_candidates': labelled.get('mislabels_csv'),
       'seconds': round(time.time() - start, 1),
   }
   logging.info('demo result: %s', result)
