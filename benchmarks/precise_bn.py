@@ -16,12 +16,13 @@ import time
 from absl import app
 from absl import flags
 
-from gender_jax import checkpointing
 from gender_jax import cli
-from gender_jax import dataset
-from gender_jax import models
-from gender_jax import sharding
-from gender_jax import train
+cli.quiet_tensorflow()   # Before the others import TensorFlow.
+from gender_jax import checkpointing  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import dataset  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import models  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import sharding  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import train  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
                                required=True)
