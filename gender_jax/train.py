@@ -324,11 +324,23 @@ class LoopState:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_json(cls, data: Dict[str, Any]) -> 'LoopState':
+  def from_json(cls, data: Dict[str, Any], learning_rate: float) -> 'LoopState':
+    """Reads `to_json` output, or the untyped dict that workdirs of earlier
+    versions hold (an optax plateau scale, flax-style early-stopping keys),
+    so their runs resume. `learning_rate`: the config's, for the old scale."""
     data = dict(data)
-    return cls(plateau=callbacks.Plateau(**data.pop('plateau')),
-               early_stopping=callbacks.EarlyStopping(
-                   **data.pop('early_stopping')), **data)
+    plateau, stopping = data.pop('plateau'), data.pop('early_stopping')
+    if 'scale' in plateau:
+      plateau = {'learning_rate': callbacks.Plateau.start(
+                     learning_rate * plateau['scale']).learning_rate,
+                 'best': plateau['best_value'],
+                 'wait': plateau['plateau_count']}
+    if 'best_metric' in stopping:
+      stopping = {'best': stopping['best_metric'],
+                  'wait': stopping['patience_count'],
+                  'epochs': len(data.get('history', []))}
+    return cls(plateau=callbacks.Plateau(**plateau),
+               early_stopping=callbacks.EarlyStopping(**stopping), **data)
 
 
 def _check_finite(values: Dict[str, float], what: str, step: int,
@@ -373,7 +385,8 @@ class _Run:
     restored = self.checkpointer.restore_latest(
         abstract_state(self.config, self.model, self.mesh))
     if restored is not None:
-      state, loop = restored[0], LoopState.from_json(restored[1])
+      state = restored[0]
+      loop = LoopState.from_json(restored[1], self.config.learning_rate)
       logging.info('Resuming from %s at step %d (epoch %d, batch %d).',
                    self.workdir, int(state.step), loop.epoch + 1,
                    loop.epoch_step)

@@ -271,6 +271,24 @@ def test_user_errors_leave_the_workdir_alone(data_dir, tmp_path):
     assert f.read() == before
 
 
+def test_loop_state_json_round_trip_and_earlier_versions():
+  loop = train.LoopState(plateau=train.callbacks.Plateau(5e-4, 0.1, 2),
+                         early_stopping=train.callbacks.EarlyStopping(
+                             0.97, 1, 4), epoch=4, history=[{}] * 4)
+  assert train.LoopState.from_json(
+      json.loads(json.dumps(loop.to_json())), 1e-3) == loop
+  old = {'epoch': 4, 'epoch_step': 0, 'best': None, 'stopped_early': False,
+         'history': [{}] * 4, 'train_seconds': 1.0,
+         'plateau': {'best_value': 0.1, 'plateau_count': 2, 'scale': 0.5,
+                     'cooldown_count': 0},
+         'early_stopping': {'best_metric': 0.97, 'patience_count': 1}}
+  got = train.LoopState.from_json(old, 1e-3)
+  assert got.plateau == train.callbacks.Plateau(
+      train.callbacks.Plateau.start(5e-4).learning_rate, best=0.1, wait=2)
+  assert got.early_stopping == train.callbacks.EarlyStopping(0.97, 1, 4)
+  assert (got.epoch, got.train_seconds) == (4, 1.0)
+
+
 def _interrupt_after(monkeypatch, epoch_to_stop, batches):
   """Makes train_iterator raise KeyboardInterrupt mid-epoch (a kill)."""
   original = input_pipeline.train_iterator
