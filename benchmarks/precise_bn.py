@@ -62,7 +62,8 @@ def main(argv):
     if n:
       config.precise_bn_batches = n
       stats = train.make_precise_bn(config, model, mesh)(
-          variables, builder, meta['epoch'])
+          variables, builder,
+          meta['epoch'] if _STEP.value is not None else max(meta['epoch'] - 1, 0))
     seconds = time.time() - start
     row = {'batches': n, 'seconds': round(seconds, 1)}
     for split in _SPLITS.value:

@@ -290,7 +290,7 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
   builder = dataset.load_builder(config.data_dir, config.dataset)
   try:
     expected = input_pipeline.num_examples(builder, split)
-  except ValueError as e:                   # Unknown split or bad slice.
+  except (cli.UserError, ValueError) as e:  # Unknown split or bad slice.
     raise cli.UserError(f'--split={split!r}: {e}') from e
   if not expected:
     raise cli.UserError(f'--split={split!r} has no examples in '

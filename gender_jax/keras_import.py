@@ -209,6 +209,10 @@ def keras_variables(model) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     stats[name] = {'BatchNorm_0': mean_var}
     sources[f'{name}/Conv_0'], sources[f'{name}/BatchNorm_0'] = conv, bn
   hidden, output = layers['dense']
+  if hidden.use_bias:
+    _refuse(hidden, 'has use_bias=True, expected False')
+  if not output.use_bias:
+    _refuse(output, 'has use_bias=False, expected True')
   params['Dense_0'] = {'kernel': _array(hidden.kernel)}
   params['BatchNorm_0'], stats['BatchNorm_0'] = _bn(layers['bn'][-1])
   params['Dense_1'] = {'kernel': _array(output.kernel),

@@ -142,8 +142,14 @@ def _check_args(args_path: str, args: dict, output_csv: str) -> None:
         f'{output_csv} exists but {args_path} (the arguments it was made with) '
         'does not, so it cannot be resumed safely. Delete it or choose another '
         '--output.')
-  with open(args_path) as f:
-    old = json.load(f)
+  try:
+    with open(args_path) as f:
+      old = json.load(f)
+  except ValueError as e:
+    raise LabelError(
+        f'{args_path} is not readable JSON ({e}); it records the arguments '
+        'of the labels CSV beside it. Delete both or choose another '
+        '--output.') from e
   diff = {k: (old.get(k), args.get(k)) for k in set(old) | set(args)
           if old.get(k) != args.get(k)}
   if diff:

@@ -85,12 +85,19 @@ def acquire(path: str, what: str) -> dict:
       raise LockedError(f'{what} is already locked by this process '
                         f'({_describe(holder, path)}).')
     if same_host and isinstance(pid, int) and not _pid_alive(pid):
-      logging.warning('Taking over the stale lock of %s left by %s, which is '
-                      'no longer running.', what, _describe(holder, path))
+      # Renamed aside first: of two processes taking over the same stale
+      # lock, only one moves it, so neither removes the other's new lock.
+      aside = f'{path}.stale-{os.getpid()}'
       try:
-        os.remove(path)
+        os.rename(path, aside)
       except FileNotFoundError:
-        pass
+        continue
+      if read_holder(aside) != holder:     # Not the stale one: put it back.
+        os.rename(aside, path)
+        continue
+      os.remove(aside)
+      logging.warning('Took over the stale lock of %s left by %s, which is '
+                      'no longer running.', what, _describe(holder, path))
       continue
     raise LockedError(
         f'{what} is in use by {_describe(holder, path)}. Wait for that run to '

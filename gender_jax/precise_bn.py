@@ -16,6 +16,7 @@ mesh like the train step, so a batch's mean and variance are over the whole
 global batch, exactly, however many devices hold it.
 """
 
+import itertools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -63,9 +64,7 @@ def recompute(stats_step: Callable, variables, batches: Iterable, rng,
   (`stats_step` from `make_stats_step`)."""
   sums = jax.tree.map(jnp.zeros_like, variables['batch_stats'])
   count = 0
-  for batch in batches:
-    if count == num_batches:
-      break
+  for batch in itertools.islice(batches, num_batches):
     sums = stats_step(sums, variables, batch, rng, np.int32(epoch),
                       np.int32(count))
     count += 1

@@ -24,7 +24,8 @@ Two additions to the Keras recipe, both config fields:
   before the first step and recorded as epoch 0, in the history, TensorBoard
   and as the first best model. Early stopping counts from it, so a fine-tune
   that never beats its starting point ends with the starting model in
-  `best/`. This is the one place the loop departs from Keras' `fit`, whose
+  `best/` (its weights; with precise BN, BatchNorm statistics recomputed
+  for them, as for every validated model). This is the one place the loop departs from Keras' `fit`, whose
   EarlyStopping keeps the best of the epochs it trained, however bad: a
   fine-tune that swings down early (a fresh Nadam at 1e-3) and is stopped
   there would otherwise hand on a worse model than it was given.
@@ -520,8 +521,10 @@ class _Run:
     if loop.best['epoch'] == 0:
       logging.warning(
           'No epoch of this fine-tune beat its starting point (epoch 0, '
-          'val_accuracy %.4f, from %s): best/ holds that starting model.',
-          loop.best['val_accuracy'], self.config.init_from)
+          'val_accuracy %.4f, from %s): best/ holds that starting model%s.',
+          loop.best['val_accuracy'], self.config.init_from,
+          ' (its weights, with BatchNorm statistics recomputed by precise BN)'
+          if self.config.precise_bn_batches else '')
     variables, meta = checkpointing.restore_best(
         self.workdir, self.config, sharding=sharding.replicated(self.mesh))
     results = {}
@@ -574,9 +577,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   input_pipeline.eval_steps(config, builder, config.eval_split)
   if config.init_from:
     _check_init_from(config)
+  _check_resume(config, workdir)
   mesh = sharding.make_mesh()
   with _workdir_lock(workdir):
-    _check_resume(config, workdir)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     checkpointer = checkpointing.Checkpointer(workdir, config)

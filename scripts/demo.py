@@ -25,13 +25,13 @@ _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
+  if len(argv) > 1:
+    cli.fail(os.path.basename(argv[0]), f'unexpected arguments: {argv[1:]}')
   stage1 = config_lib.load_sibling(os.path.join(_CONFIGS, 'x'), 'stage1.py')
   stage2 = config_lib.load_sibling(os.path.join(_CONFIGS, 'x'), 'stage2.py')
   print(json.dumps(demo.run_demo(stage1, stage2, _WORKDIR.value), indent=2))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -30,10 +30,10 @@ config_flags.DEFINE_config_file('config', None, 'Training config file.',
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
   with cli.user_errors(__file__, FileNotFoundError, train.TrainingError):
+    if len(argv) > 1:
+      raise cli.UserError(f'unexpected arguments: {argv[1:]}')
     summary = train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
   final = summary['final_evaluation']
   print(json.dumps({'workdir': _WORKDIR.value,

@@ -193,6 +193,12 @@ def _wide_dense(i, layer):
   return layer
 
 
+def _biased_dense(i, layer):
+  if isinstance(layer, keras.layers.Dense) and layer.units == 512:
+    return keras.layers.Dense(512, use_bias=True, name='biased_dense')
+  return layer
+
+
 def _no_rescale(i, layer):
   return None if i == 1 else layer
 
@@ -204,6 +210,7 @@ def _avg_pool(i, layer):
 @pytest.mark.parametrize('change,message', [
     (_bias_conv, "'biased' \\(Conv2D\\) has use_bias=True"),
     (_wide_dense, "'wide' holds kernel of shape \\(1536, 256\\)"),
+    (_biased_dense, "'biased_dense' \\(Dense\\) has use_bias=True"),
     (_no_rescale, "\\(Conv2D\\) stands where Rescaling\\(1/255\\) is"),
     (_avg_pool, "'avg' \\(AveragePooling2D\\) is not part of the "),
 ])
