@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from gender_jax import checkpointing
-from gender_jax import config_lib
 from gender_jax import input_pipeline
 from gender_jax import models
 from gender_jax import sharding
