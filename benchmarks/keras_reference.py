@@ -16,8 +16,10 @@ which is what the original ran.
 """
 
 import argparse
+import json
 import os
 import time
+from typing import Optional
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -102,15 +104,42 @@ def _split(data_dir, split, image_size, batch_size, train, augment, seed,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+class EpochTimer(keras.callbacks.Callback):
+  """Wall seconds of each epoch, from its first batch to after validation,
+  and of each epoch's validation pass."""
+
+  def __init__(self):
+    super().__init__()
+    self.seconds, self.validation_seconds = [], []
+    self._start = self._test_start = 0.0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_test_begin(self, logs=None):
+    self._test_start = time.perf_counter()
+
+  def on_test_end(self, logs=None):
+    self.validation_seconds.append(time.perf_counter() - self._test_start)
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.seconds.append(time.perf_counter() - self._start)
+
+
 def train_keras(data_dir: str, image_size=(218, 178), epochs: int = 25,
                 batch_size: int = 128, augment: bool = True,
                 dropout_rate: float = 0.0, plateau_patience: int = 3,
                 early_stopping_patience: int = 5, seed: int = 42,
-                repeat: int = 2, verbose: int = 2):
+                repeat: int = 2, verbose: int = 2,
+                steps_per_epoch: Optional[int] = None):
   """Trains the original model with the original recipe on the TFDS dataset.
 
-  Returns (model, history dict, {'val_accuracy', 'test_accuracy', 'seconds'}).
-  The 'test' split is evaluated only if the dataset has one.
+  Returns (model, history dict, {'val_accuracy', 'test_accuracy', 'seconds',
+  'epoch_seconds', 'validation_seconds'}); 'epoch_seconds' lists each
+  epoch's wall time, training and validation (Keras calls `on_epoch_end`
+  after validating), 'validation_seconds' each validation pass's. The 'test'
+  split is evaluated only if the dataset has one. `steps_per_epoch` caps an
+  epoch's batches (Keras then carries on from the same iterator).
   """
   keras.utils.set_random_seed(seed)
   model = build_keras_model(image_size, dropout_rate)
@@ -119,6 +148,7 @@ def train_keras(data_dir: str, image_size=(218, 178), epochs: int = 25,
                  seed, repeat)
   val = _split(data_dir, 'validation', image_size, batch_size, False, False,
                seed, 1)
+  timer = EpochTimer()
   callbacks = [
       keras.callbacks.ReduceLROnPlateau(
           monitor='val_loss', factor=0.5, patience=plateau_patience,
@@ -127,12 +157,15 @@ def train_keras(data_dir: str, image_size=(218, 178), epochs: int = 25,
           monitor='val_accuracy', min_delta=1e-3,
           patience=early_stopping_patience, mode='max',
           restore_best_weights=True),
+      timer,
   ]
   start = time.perf_counter()
   history = model.fit(train, validation_data=val, epochs=epochs,
-                      callbacks=callbacks, verbose=verbose)
+                      steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                      verbose=verbose)
   seconds = time.perf_counter() - start
-  results = {'seconds': seconds,
+  results = {'seconds': seconds, 'epoch_seconds': timer.seconds,
+             'validation_seconds': timer.validation_seconds,
              'val_accuracy': model.evaluate(val, verbose=0)[1]}
   from gender_jax import dataset  # pylint: disable=g-import-not-at-top
   if 'test' in dataset.load_builder(data_dir).info.splits:
@@ -148,12 +181,17 @@ def main():
   parser.add_argument('--image_size', default='218,178',
                       help='H,W the model sees (data is resized if needed).')
   parser.add_argument('--epochs', type=int, default=25)
+  parser.add_argument('--steps_per_epoch', type=int, default=None,
+                      help='Cap on training batches per epoch.')
   parser.add_argument('--batch_size', type=int, default=128)
   parser.add_argument('--no_augment', action='store_true')
   parser.add_argument('--dropout_rate', type=float, default=0.0)
   parser.add_argument('--seed', type=int, default=42)
   parser.add_argument('--threads', type=int, default=0,
                       help='TF intra-op threads (0: TF default).')
+  parser.add_argument('--results_json', default='',
+                      help='Also write the results (with epoch_seconds) here.')
+  parser.add_argument('--verbose', type=int, default=2)
   args = parser.parse_args()
   if args.threads:
     set_threads(args.threads)
@@ -161,9 +199,14 @@ def main():
   _, _, results = train_keras(
       args.data_dir, image_size, epochs=args.epochs,
       batch_size=args.batch_size, augment=not args.no_augment,
-      dropout_rate=args.dropout_rate, seed=args.seed)
+      dropout_rate=args.dropout_rate, seed=args.seed,
+      steps_per_epoch=args.steps_per_epoch, verbose=args.verbose)
+  if args.results_json:
+    with open(args.results_json, 'w') as f:
+      json.dump(results, f, indent=2)
   for key, value in results.items():
-    print(f'{key}={value:.4f}')
+    if not isinstance(value, list):
+      print(f'{key}={value:.4f}')
 
 
 if __name__ == '__main__':

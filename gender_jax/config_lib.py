@@ -5,6 +5,7 @@ import os
 
 import ml_collections
 
+from gender_jax import augment
 from gender_jax import cli
 
 
@@ -71,5 +72,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('rotation', 'zoom', 'translation', 'brightness'):
     _check(e, 0 <= config.aug[key] < 1, f'aug.{key}', config.aug[key],
            'a factor in [0, 1)')
+  _check(e, config.aug.resampling in augment.RESAMPLINGS, 'aug.resampling',
+         config.aug.resampling, ' or '.join(map(repr, augment.RESAMPLINGS)))
   if e:
     raise ConfigError('invalid configuration: ' + '; '.join(e))

@@ -1,7 +1,8 @@
 """Training and evaluation: sharded jitted steps and the Keras-style epoch loop.
 
 The loop reproduces the original Keras `fit` recipe:
-* Nadam on binary cross-entropy; stage-1 augmentation on device in the step.
+* Nadam on binary cross-entropy; stage-1 augmentation on device, as its own
+  jitted call before each train step.
 * Once per epoch, after evaluating the validation split, Keras'
   ReduceLROnPlateau on val_loss and EarlyStopping on val_accuracy
   (`gender_jax.callbacks`), saving the best model exactly when EarlyStopping
@@ -190,6 +191,13 @@ def per_example_metrics(logits, labels):
   return loss, correct
 
 
+def step_keys(rng, step):
+  """(augmentation key, dropout key) of train step `step`: functions of the
+  run's key and the step only, so a resumed run draws the same randomness."""
+  aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, step))
+  return aug_rng, dropout_rng
+
+
 def model_inputs(batch, rng, *, config):
   """(images, dropout_rng) the model trains on: the batch's images,
   augmented when `config.augment`, and a dropout key, both drawn from `rng`."""
@@ -200,18 +208,21 @@ def model_inputs(batch, rng, *, config):
   return images, dropout_rng
 
 
-def train_step(state: TrainState, batch, rng, *, model, config):
-  """One Nadam step on a global batch; returns (state, Metrics).
+def augment_step(batch, rng, step, *, config):
+  """`batch` with its images augmented as train step `step` trains on them."""
+  images = augment.augment_batch(step_keys(rng, step)[0], batch['image'],
+                                 config.aug)
+  return {**batch, 'image': images}
 
-  Augmentation (if `config.augment`) and dropout use keys folded from `rng`
-  and the step number, so a resumed run draws the same randomness.
-  """
-  images, dropout_rng = model_inputs(
-      batch, jax.random.fold_in(rng, state.step), config=config)
+
+def train_step(state: TrainState, batch, rng, *, model):
+  """One Nadam step on a global batch of (already augmented) images; returns
+  (state, Metrics). Dropout uses `step_keys(rng, state.step)`."""
+  dropout_rng = step_keys(rng, state.step)[1]
 
   def loss_fn(params):
     logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, images,
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
         train=True, rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
     loss, correct = per_example_metrics(logits, batch['label'])
     return loss.mean(), (updates['batch_stats'], loss, correct)
@@ -231,15 +242,29 @@ def eval_step(variables, batch, *, model):
 
 
 def make_train_step(config, model, mesh) -> Callable:
-  """`train_step` jitted for `mesh`: (state, batch, rng) -> (state, metrics).
+  """(state, batch, rng) -> (state, metrics): `augment_step` (when
+  `config.augment`), then `train_step`, each jitted for `mesh`.
 
   State and rng replicated, batch split over 'data'; the state is donated.
+  Augmentation is its own jitted call: inside the train step's computation
+  XLA:CPU fuses the resampling into its consumers and the step gets slower by
+  several times the augmentation's own cost (benchmarks/README.md, 'End-to-end
+  training speed'). On GPU/TPU the split costs one more launch per step.
   """
   replicated = sharding.replicated(mesh)
-  step = functools.partial(train_step, model=model, config=config)
-  return jax.jit(step, in_shardings=(replicated, sharding.data_sharding(mesh),
-                                     replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+  data = sharding.data_sharding(mesh)
+  train_fn = jax.jit(functools.partial(train_step, model=model),
+                     in_shardings=(replicated, data, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+  if not config.augment:
+    return train_fn
+  augment_fn = jax.jit(functools.partial(augment_step, config=config),
+                       in_shardings=(data, replicated, replicated),
+                       out_shardings=data)
+
+  def step(state, batch, rng):
+    return train_fn(state, augment_fn(batch, rng, state.step), rng)
+  return step
 
 
 def make_eval_step(model, mesh) -> Callable:

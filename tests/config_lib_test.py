@@ -24,6 +24,9 @@ def test_stage_configs_hold_the_original_recipe():
     assert c.early_stopping_min_delta == 1e-3
   assert (s1.augment, s1.repeat, s1.dropout_rate, s1.num_epochs) == (True, 2, 0.0, 25)
   assert (s1.plateau_patience, s1.early_stopping_patience) == (3, 5)
+  # The Keras factors; one resampling of the composed map by default.
+  assert (s1.aug.flip, s1.aug.rotation, s1.aug.zoom, s1.aug.translation,
+          s1.aug.brightness, s1.aug.resampling) == (True, 0.1, 0.01, 0.05, 0.5, 'single')
   # The original's stage 2 does not repeat the training set.
   assert (s2.augment, s2.repeat, s2.dropout_rate, s2.num_epochs) == (False, 1, 0.3, 10)
   assert (s2.plateau_patience, s2.early_stopping_patience) == (2, 3)
@@ -38,9 +41,10 @@ def test_validate_names_every_bad_field():
   c.dropout_rate = 1.5
   c.image_size = (8, 178)
   c.precise_bn_batches = -1
+  c.aug.resampling = 'bicubic'
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(c)
   for key in ('config.batch_size=0', 'config.dropout_rate=1.5', 'config.image_size',
-              'config.precise_bn_batches=-1'):
+              'config.precise_bn_batches=-1', "config.aug.resampling='bicubic'"):
     assert key in str(e.value)
   assert '\n' not in str(e.value)   # One line.

@@ -101,6 +101,24 @@ def test_train_step_learns_and_updates_batch_stats(data_dir):
   assert train.get_learning_rate(state) == pytest.approx(5e-4)
 
 
+def test_augment_step_draws_what_model_inputs_draws():
+  """The loop augments in its own jitted call (`augment_step`); precise BN
+  prepares batches with `model_inputs`. For one step key both give the same
+  images, and each step gets its own augmentation."""
+  config = tiny_config('unused')
+  images = np.random.default_rng(0).integers(0, 256, (4, 24, 20, 3),
+                                             dtype=np.uint8)
+  batch = {'image': images, 'label': np.arange(4, dtype=np.int32) % 2}
+  rng = jax.random.key(4)
+  got = [np.asarray(train.augment_step(batch, rng, step, config=config)
+                    ['image']) for step in (0, 5)]
+  for step, image in zip((0, 5), got):
+    want, _ = train.model_inputs(batch, jax.random.fold_in(rng, step),
+                                 config=config)
+    np.testing.assert_array_equal(image, np.asarray(want))
+  assert not np.allclose(got[0], got[1])
+
+
 def test_eval_is_exact_over_padded_batches(data_dir):
   """Masked sums / mask count equal a plain numpy pass over every example."""
   config = tiny_config(data_dir, eval_batch_size=48)   # 40 examples: padded.
