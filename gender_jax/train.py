@@ -246,10 +246,10 @@ def make_train_step(config, model, mesh) -> Callable:
   `config.augment`), then `train_step`, each jitted for `mesh`.
 
   State and rng replicated, batch split over 'data'; the state is donated.
-  Augmentation is its own jitted call: inside the train step's computation
-  XLA:CPU fuses the resampling into its consumers and the step gets slower by
-  several times the augmentation's own cost (benchmarks/README.md, 'End-to-end
-  training speed'). On GPU/TPU the split costs one more launch per step.
+  Augmentation is its own jitted call: compiled into the train step, it made
+  the XLA:CPU step slower by several times its own cost (benchmarks/README.md,
+  'End-to-end training speed'). On GPU/TPU the split costs one more launch
+  per step.
   """
   replicated = sharding.replicated(mesh)
   data = sharding.data_sharding(mesh)
