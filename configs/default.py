@@ -16,7 +16,10 @@ def get_config():
   # Data (a TFDS dataset made by scripts/prepare_data.py).
   c.data_dir = 'data'                # TFDS data_dir holding <dataset>/<version>/.
   c.dataset = 'gender_faces'         # TFDS dataset name.
-  c.train_split = 'train'
+  c.train_split = 'train'            # On several sources: the union of train_*.
+  c.source_weights = ''              # 'utkface:1,folders:1': draw training
+                                     # examples by source with these weights;
+                                     # '': the union (proportional to size).
   c.eval_split = 'validation'
   c.image_size = (218, 178)          # (H, W) the model sees; must match the data.
   c.batch_size = 128                 # Global batch, split over all devices/hosts.

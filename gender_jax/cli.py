@@ -11,15 +11,11 @@ from absl import flags
 from absl import logging
 
 from gender_jax import cpu
+from gender_jax.errors import UserError  # Re-exported for the scripts.
 
 _CHATTY = ('orbax', 'tensorflow_datasets', 'xla_bridge')
 # Exit status of a run stopped by the user's own mistake (as argparse's).
 USAGE_EXIT_STATUS = 2
-
-
-class UserError(Exception):
-  """A mistake in the user's input (flag, file, folder): the message says
-  which and what to do; scripts print it as one line and exit with status 2."""
 
 
 def _drop_library_info(record) -> bool:

@@ -6,10 +6,11 @@ import os
 import ml_collections
 
 from gender_jax import augment
-from gender_jax import cli
+from gender_jax import errors
+from gender_jax import sources
 
 
-class ConfigError(cli.UserError, ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config field has a value it cannot take; the message names each."""
 
 
@@ -74,5 +75,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            'a factor in [0, 1)')
   _check(e, config.aug.resampling in augment.RESAMPLINGS, 'aug.resampling',
          config.aug.resampling, ' or '.join(map(repr, augment.RESAMPLINGS)))
+  try:
+    sources.parse_weights(config.source_weights)
+  except ValueError as error:
+    e.append(f'config.source_weights={config.source_weights!r}: {error}')
   if e:
     raise ConfigError('invalid configuration: ' + '; '.join(e))

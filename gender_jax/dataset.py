@@ -4,7 +4,7 @@ Records keep the original Keras project's TFRecord format, so its shards are
 valid shards of this dataset as they are:
 
   images: bytes of `tf.io.serialize_tensor(uint8 HxWx3 RGB image)`
-  label:  int64, female = 0, male = 1
+  label:  int64, female = 0, male = 1 (`gender_jax.labels`)
 
 `SerializedImage` is the TFDS feature connector for the `images` bytes. TFDS
 stores its qualified name (`gender_jax.dataset.SerializedImage`) in
@@ -18,6 +18,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from gender_jax import errors
+from gender_jax import labels
+
 try:  # TF only reads and writes data here; keep it off the accelerators.
   tf.config.set_visible_devices([], 'GPU')
 except RuntimeError:  # TF's runtime already started elsewhere.
@@ -25,8 +28,6 @@ except RuntimeError:  # TF's runtime already started elsewhere.
 
 NAME = 'gender_faces'
 VERSION = '1.0.0'
-CLASS_NAMES = ('female', 'male')     # label 1 = male, as in the original.
-SPLITS = ('train', 'validation', 'test')
 IMAGE_KEY = 'images'                 # Original project's feature names.
 LABEL_KEY = 'label'
 
@@ -75,7 +76,7 @@ def features(image_size):
   height, width = image_size
   return tfds.features.FeaturesDict({
       IMAGE_KEY: SerializedImage(shape=(height, width, 3)),
-      LABEL_KEY: tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+      LABEL_KEY: tfds.features.ClassLabel(names=list(labels.CLASS_NAMES)),
   })
 
 
@@ -112,3 +113,44 @@ def load_builder(data_dir: str, name: str = NAME,
         'scripts/prepare_data.py --tfrecord_dir=<shards folder> '
         f'--data_dir={data_dir}')
   return tfds.builder_from_directory(path)
+
+
+def source_splits(builder: tfds.core.DatasetBuilder, part: str) -> list:
+  """The stored `<part>_<source>` splits of a dataset of several sources."""
+  return sorted(s for s in builder.info.splits
+                if s.startswith(f'{part}_') and s[len(part) + 1:].isalnum())
+
+
+def resolve_split(builder: tfds.core.DatasetBuilder, split: str) -> str:
+  """`split` as TFDS reads it from this dataset.
+
+  A stored split (also sliced, 'train[:10%]', or a '+' union) is returned as
+  it is. On a dataset of several sources (see `gender_jax.prepare_data`)
+  'train', 'validation' and 'test' name the union of that part's source
+  splits ('test' -> 'test_folders+test_utkface'). UserError for a split the
+  dataset does not have.
+  """
+  parts = []
+  for part in split.split('+'):
+    part = part.strip()
+    name = part.split('[')[0].strip()
+    if name in builder.info.splits:
+      parts.append(part)
+      continue
+    members = source_splits(builder, name)
+    if not members:
+      raise errors.UserError(
+          f'split {part!r} is not in the dataset at {builder.data_dir}; it '
+          f'has {sorted(builder.info.splits)}.')
+    if name != part:
+      raise errors.UserError(
+          f'split {part!r}: {name!r} is the union {"+".join(members)}; slice '
+          f'its parts instead, e.g. {members[0]}{part[len(name):]}.')
+    parts += members
+  return '+'.join(parts)
+
+
+def metadata(builder: tfds.core.DatasetBuilder) -> dict:
+  """The dataset's `metadata.json` (sources, framing) as a dict; {} for
+  datasets written without one (original shards, older versions)."""
+  return dict(builder.info.metadata or {})

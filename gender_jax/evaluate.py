@@ -6,9 +6,12 @@ input pipeline pads the last batch and masks the padding) and writes, into
 
   report.json              accuracy, per-class precision/recall/F1/support,
                            macro/weighted F1, confusion matrix, ROC AUC, log
-                           loss, expected calibration error (+ its bins), and
-                           what it was computed on: workdir, checkpoint and
-                           its step/epoch, data_dir, split, image sizes
+                           loss, expected calibration error (+ its bins) of
+                           p(male) calibrated by the workdir's temperature
+                           (log loss and ECE also before it), and what it
+                           was computed on: workdir, checkpoint and its
+                           step/epoch, data_dir, split, image sizes,
+                           temperature, test-time augmentation (tta)
   confusion_matrix.png
   reliability_diagram.png  accuracy vs confidence per bin, with counts
   wrong_predictions.png    misclassified faces, largest errors first, with
@@ -31,10 +34,12 @@ import numpy as np
 from absl import logging
 from sklearn import metrics as skm
 
+from gender_jax import calibration
 from gender_jax import checkpointing
-from gender_jax import cli
 from gender_jax import dataset
+from gender_jax import errors
 from gender_jax import input_pipeline
+from gender_jax import labels as labels_lib
 from gender_jax import models
 from gender_jax import plots
 from gender_jax import predict
@@ -99,6 +104,17 @@ def expected_calibration_error(bins: Sequence[dict]) -> float:
                    for b in bins if b['count'])) if total else float('nan')
 
 
+def calibration_errors(labels, logits, num_bins: int = NUM_BINS
+                       ) -> Dict[str, float]:
+  """{'log_loss', 'ece'} of logits: how far p(male) is from the labels'
+  frequencies (before and after temperature scaling, in `calibration`)."""
+  logits = np.asarray(logits, np.float64)
+  bins = calibration_bins(labels, np.exp(-np.logaddexp(0.0, -logits)),
+                          num_bins)
+  return {'log_loss': log_loss(labels, logits),
+          'ece': expected_calibration_error(bins)}
+
+
 def classification_report(labels, logits, num_bins: int = NUM_BINS) -> dict:
   """Every reported number for binary labels (male = 1) and logits.
 
@@ -115,13 +131,13 @@ def classification_report(labels, logits, num_bins: int = NUM_BINS) -> dict:
                      'equal-length, non-empty vectors')
   p_male = np.exp(-np.logaddexp(0.0, -logits))     # sigmoid, no overflow.
   predicted = (p_male >= 0.5).astype(np.int64)
-  classes = list(range(len(dataset.CLASS_NAMES)))
+  classes = list(range(len(labels_lib.CLASS_NAMES)))
   precision, recall, f1, support = skm.precision_recall_fscore_support(
       labels, predicted, labels=classes, zero_division=0.0)
   per_class = {
       name: {'precision': float(precision[c]), 'recall': float(recall[c]),
              'f1': float(f1[c]), 'support': int(support[c])}
-      for c, name in enumerate(dataset.CLASS_NAMES)}
+      for c, name in enumerate(labels_lib.CLASS_NAMES)}
   bins = calibration_bins(labels, p_male, num_bins)
   return {
       'num_examples': len(labels),
@@ -142,7 +158,8 @@ def classification_report(labels, logits, num_bins: int = NUM_BINS) -> dict:
 def scalar_metrics(report: dict) -> Dict[str, float]:
   """The report's scalars, flat (for TensorBoard)."""
   out = {k: report[k] for k in ('accuracy', 'macro_f1', 'weighted_f1',
-                                'log_loss', 'ece')}
+                                'log_loss', 'ece', 'log_loss_uncalibrated',
+                                'ece_uncalibrated') if k in report}
   if report['roc_auc'] is not None:
     out['roc_auc'] = report['roc_auc']
   for name, values in report['per_class'].items():
@@ -165,7 +182,7 @@ def format_report(report: dict) -> str:
             f"{'weighted avg':>14}{'':>20}{report['weighted_f1']:>10.4f}"
             f'{n:>10d}', '']
   cm = report['confusion_matrix']
-  names = dataset.CLASS_NAMES
+  names = labels_lib.CLASS_NAMES
   lines += ['confusion matrix (rows: true, columns: predicted)',
             f"{'':>14}{names[0]:>10}{names[1]:>10}"]
   lines += [f'{name:>14}{row[0]:>10d}{row[1]:>10d}'
@@ -173,6 +190,10 @@ def format_report(report: dict) -> str:
   auc = report['roc_auc']
   lines += ['', f"ROC AUC {'n/a' if auc is None else f'{auc:.4f}'}   "
             f"log loss {report['log_loss']:.4f}   ECE {report['ece']:.4f}"]
+  if 'temperature' in report:
+    lines.append(f"temperature {report['temperature']:.4f}; uncalibrated: "
+                 f"log loss {report['log_loss_uncalibrated']:.4f}   "
+                 f"ECE {report['ece_uncalibrated']:.4f}")
   return '\n'.join(lines)
 
 
@@ -212,9 +233,12 @@ def _to_host(x) -> np.ndarray:
 
 
 def predict_split(config, builder, mesh, model, variables, split: str,
-                  max_wrong: int = MAX_WRONG):
-  """(labels, logits, worst errors) over every example of `split` once."""
-  fn = predict.make_predict_fn(model, mc_samples=1, mesh=mesh)
+                  max_wrong: int = MAX_WRONG, *, temperature: float = 1.0,
+                  tta: str = 'none'):
+  """(labels, logits, worst errors) over every example of `split` once;
+  logits divided by `temperature`, `tta` as in `predict.predict_batch`."""
+  fn = predict.make_predict_fn(model, mc_samples=1, mesh=mesh,
+                               temperature=temperature, tta=tta)
   variables = jax.device_put(variables, sharding_lib.replicated(mesh))
   labels, logits = [], []
   worst = _WorstErrors(max_wrong)
@@ -237,6 +261,10 @@ def predict_split(config, builder, mesh, model, variables, split: str,
     seen += len(y)
     labels.append(y)
     logits.append(z)
+  expected = input_pipeline.num_examples(builder, split)
+  if seen != expected:
+    raise RuntimeError(f'evaluated {seen} examples of {split!r}, but the '
+                       f'split has {expected}.')
   return np.concatenate(labels), np.concatenate(logits), worst
 
 
@@ -251,34 +279,17 @@ def load_variables(workdir: str, config, mesh, checkpoint: str = 'best'):
   raise ValueError(f"checkpoint={checkpoint!r}: expected 'best' or 'latest'.")
 
 
-def evaluate(workdir: str, data_dir: Optional[str] = None,
-             split: str = 'test', *, checkpoint: str = 'best',
-             batch_size: Optional[int] = None, max_wrong: int = MAX_WRONG,
-             output_dir: Optional[str] = None, mesh=None) -> dict:
-  """Evaluates a workdir's model on `split`; writes report + pictures.
+def open_split(workdir: str, data_dir: Optional[str], split: str,
+               batch_size: Optional[int] = None, mesh=None):
+  """(config, builder, mesh) to run a workdir's model over all of `split`.
 
-  Images stored at another size than the model's are resized (bilinear, as
-  in training) with a warning, and the report says so (`resized`).
-
-  Args:
-    workdir: a training workdir.
-    data_dir: TFDS data_dir (default: the one in the workdir's config).
-    split: any split of the dataset ('test', 'validation', 'train[:10%]').
-    checkpoint: 'best' (default) or 'latest'.
-    batch_size: eval batch size (default: config.eval_batch_size).
-    max_wrong: most misclassified faces to draw (largest errors).
-    output_dir: default `<workdir>/eval_<split>`.
-    mesh: default `sharding.make_mesh()`.
-
-  Returns:
-    The report (also in report.json): the metrics of `classification_report`,
-    what they were computed on (workdir, checkpoint, step, epoch, data_dir,
-    split, dataset_image_size, model_image_size, resized), num_wrong, and the
-    'output_dir' and 'files' written.
+  The config is the workdir's, with `data_dir` and `batch_size` (eval batch)
+  if given and no eval_steps cap (exact); mesh defaults to
+  `sharding.make_mesh()`.
 
   Raises:
-    FileNotFoundError: no workdir, dataset or checkpoint there.
-    cli.UserError: `split` is not in the dataset or has no examples.
+    FileNotFoundError: no workdir or dataset there.
+    errors.UserError: `split` is not in the dataset or has no examples.
   """
   config = checkpointing.read_config(workdir)
   if data_dir:
@@ -290,11 +301,51 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
   builder = dataset.load_builder(config.data_dir, config.dataset)
   try:
     expected = input_pipeline.num_examples(builder, split)
-  except (cli.UserError, ValueError) as e:  # Unknown split or bad slice.
-    raise cli.UserError(f'--split={split!r}: {e}') from e
+  except (errors.UserError, ValueError) as e:  # Unknown split or bad slice.
+    raise errors.UserError(f'--split={split!r}: {e}') from e
   if not expected:
-    raise cli.UserError(f'--split={split!r} has no examples in '
+    raise errors.UserError(f'--split={split!r} has no examples in '
                         f'{builder.data_dir}.')
+  return config, builder, mesh
+
+
+def evaluate(workdir: str, data_dir: Optional[str] = None,
+             split: str = 'test', *, checkpoint: str = 'best',
+             batch_size: Optional[int] = None, max_wrong: int = MAX_WRONG,
+             output_dir: Optional[str] = None, mesh=None,
+             tta: str = 'none') -> dict:
+  """Evaluates a workdir's model on `split`; writes report + pictures.
+
+  Images stored at another size than the model's are resized (bilinear, as
+  in training) with a warning, and the report says so (`resized`). The
+  probabilities are calibrated by the workdir's temperature
+  (`calibration.read_temperature`, 1 without calibration.json).
+
+  Args:
+    workdir: a training workdir.
+    data_dir: TFDS data_dir (default: the one in the workdir's config).
+    split: any split of the dataset ('test', 'validation', 'train[:10%]').
+    checkpoint: 'best' (default) or 'latest'.
+    batch_size: eval batch size (default: config.eval_batch_size).
+    max_wrong: most misclassified faces to draw (largest errors).
+    output_dir: default `<workdir>/eval_<split>`.
+    mesh: default `sharding.make_mesh()`.
+    tta: 'none', or 'flip' (mean logit of each image and its mirror).
+
+  Returns:
+    The report (also in report.json): the metrics of `classification_report`
+    of the calibrated logits, ece_uncalibrated and log_loss_uncalibrated
+    (before the temperature), what they were computed on (workdir,
+    checkpoint, step, epoch, data_dir, split, dataset_image_size,
+    model_image_size, resized, temperature, tta), num_wrong, and the
+    'output_dir' and 'files' written.
+
+  Raises:
+    FileNotFoundError: no workdir, dataset or checkpoint there.
+    errors.UserError: `split` is not in the dataset or has no examples.
+  """
+  config, builder, mesh = open_split(workdir, data_dir, split, batch_size,
+                                     mesh)
   stored = tuple(input_pipeline.stored_image_size(builder))
   wanted = tuple(config.image_size)
   if stored != wanted and jax.process_index() == 0:
@@ -302,15 +353,20 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
                     '%dx%d: evaluating on resized (bilinear) images.',
                     builder.data_dir, *stored, *wanted)
   variables, meta = load_variables(workdir, config, mesh, checkpoint)
+  step = int(meta.get('step', 0))
+  temperature = calibration.read_temperature(
+      workdir, step if checkpoint == 'best' else None)
   model = models.create_model(config)
   labels, logits, worst = predict_split(config, builder, mesh, model,
-                                        variables, split, max_wrong)
-  if len(labels) != expected:
-    raise RuntimeError(f'evaluated {len(labels)} examples of {split!r}, but '
-                       f'the split has {expected}.')
+                                        variables, split, max_wrong,
+                                        temperature=temperature, tta=tta)
   report = classification_report(labels, logits)
-  report.update(workdir=workdir, checkpoint=checkpoint,
-                step=int(meta.get('step', 0)), epoch=meta.get('epoch'),
+  uncalibrated = calibration_errors(
+      labels, np.asarray(logits, np.float64) * temperature)
+  report.update(ece_uncalibrated=uncalibrated['ece'],
+                log_loss_uncalibrated=uncalibrated['log_loss'],
+                temperature=temperature, tta=tta, workdir=workdir,
+                checkpoint=checkpoint, step=step, epoch=meta.get('epoch'),
                 data_dir=config.data_dir, split=split,
                 dataset_image_size=list(stored), model_image_size=list(wanted),
                 resized=stored != wanted, num_wrong=worst.count)
@@ -337,13 +393,13 @@ def _write_outputs(report: dict, worst: _WorstErrors, output_dir: str):
            'confusion_matrix': os.path.join(output_dir, 'confusion_matrix.png'),
            'reliability_diagram': os.path.join(output_dir,
                                                'reliability_diagram.png')}
-  plots.plot_confusion_matrix(report['confusion_matrix'], dataset.CLASS_NAMES,
+  plots.plot_confusion_matrix(report['confusion_matrix'], labels_lib.CLASS_NAMES,
                               files['confusion_matrix'])
   plots.plot_reliability_diagram(report['calibration_bins'], report['ece'],
                                  files['reliability_diagram'])
   images, labels, p_male = worst.sorted()
   files['wrong_predictions'] = plots.plot_wrong_predictions(
-      images, labels, p_male, dataset.CLASS_NAMES, output_dir,
+      images, labels, p_male, labels_lib.CLASS_NAMES, output_dir,
       num_wrong_total=worst.count)
   with open(files['report'], 'w') as f:
     json.dump({**report, 'files': files}, f, indent=2)

@@ -25,13 +25,19 @@ at labelling time are converted and resized exactly like the training images:
      opaque pixels are unchanged; where the hidden colour is black (what most
      writers store) this equals `tf.image.decode_png(channels=3)` and Keras's
      `load_img`, which drop alpha.
-4. Bilinear resize (PIL) of the RGB image to (width, height).
+4. Framing (`frame`): optionally the face box, enlarged by a margin, is cut
+   out; then `resize` decides how the aspect ratio meets the model's:
+   'stretch' (the original's: the whole image is resized, distorting it),
+   'crop' (the largest centred region of the model's aspect) or 'pad' (the
+   whole image, centred on black bars).
+5. Bilinear resize (PIL) to (width, height).
 """
 
 import concurrent.futures
+import csv
 import os
 import stat
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -40,6 +46,7 @@ from PIL import ImageOps
 # Extensions the labeller picks up (lower case; matching is case-insensitive).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff', '.ppm', '.pgm')
+RESIZE_MODES = ('stretch', 'crop', 'pad')
 _TIFF_BITS_PER_SAMPLE = 258
 _TIFF_SAMPLE_FORMAT, _TIFF_SIGNED = 339, 2
 
@@ -82,25 +89,123 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert('RGB')
 
 
-def to_model_input(image: Image.Image, image_size: Sequence[int]) -> np.ndarray:
-  """8-bit RGB conversion and bilinear resize of a PIL image: uint8 (H, W, 3)."""
+def box_region(box: Sequence[float], margin: float, size: Tuple[int, int]):
+  """PIL crop box (left, top, right, bottom) of face box (x, y, w, h) grown by
+  `margin` times its width and height on every side, clipped to the image
+  `size` = (width, height)."""
+  x, y, w, h = (float(v) for v in box)
+  if w <= 0 or h <= 0:
+    raise ValueError(f'face box {tuple(box)}: width and height must be > 0')
+  left, top = max(0.0, x - margin * w), max(0.0, y - margin * h)
+  right = min(float(size[0]), x + w + margin * w)
+  bottom = min(float(size[1]), y + h + margin * h)
+  if right - left < 1 or bottom - top < 1:
+    raise ValueError(f'face box {tuple(box)} lies outside the '
+                     f'{size[0]}x{size[1]} image')
+  return (round(left), round(top), max(round(right), round(left) + 1),
+          max(round(bottom), round(top) + 1))
+
+
+def frame(image: Image.Image, image_size: Sequence[int],
+          resize: str = 'stretch', box: Optional[Sequence[float]] = None,
+          box_margin: float = 0.0) -> Image.Image:
+  """The region of an RGB image the model sees, at `image_size` = (H, W).
+
+  `box` (x, y, w, h pixels) first cuts out the face grown by `box_margin`;
+  `resize` is 'stretch', 'crop' or 'pad' (module docstring, step 4).
+  """
+  if resize not in RESIZE_MODES:
+    raise ValueError(f'resize={resize!r}: expected one of {RESIZE_MODES}')
   height, width = image_size
-  image = to_rgb(image)
+  if box is not None:
+    image = image.crop(box_region(box, box_margin, image.size))
+  w, h = image.size
+  if resize == 'crop' and w * height != h * width:
+    if w * height > h * width:           # Too wide: keep the centre columns.
+      new_w = max(1, round(h * width / height))
+      left = (w - new_w) // 2
+      image = image.crop((left, 0, left + new_w, h))
+    else:
+      new_h = max(1, round(w * height / width))
+      top = (h - new_h) // 2
+      image = image.crop((0, top, w, top + new_h))
+  elif resize == 'pad' and w * height != h * width:
+    new_w, new_h = max(w, round(h * width / height)), max(h, round(w * height / width))
+    canvas = Image.new('RGB', (new_w, new_h))
+    canvas.paste(image, ((new_w - w) // 2, (new_h - h) // 2))
+    image = canvas
   if image.size != (width, height):
     image = image.resize((width, height), Image.BILINEAR)
-  return np.asarray(image, dtype=np.uint8)
+  return image
 
 
-def load_image(path: str, image_size: Sequence[int]) -> np.ndarray:
+def to_model_input(image: Image.Image, image_size: Sequence[int],
+                   resize: str = 'stretch',
+                   box: Optional[Sequence[float]] = None,
+                   box_margin: float = 0.0) -> np.ndarray:
+  """8-bit RGB conversion and framing of a PIL image: uint8 (H, W, 3)."""
+  return np.asarray(frame(to_rgb(image), image_size, resize, box, box_margin),
+                    dtype=np.uint8)
+
+
+def load_image(path: str, image_size: Sequence[int], resize: str = 'stretch',
+               box: Optional[Sequence[float]] = None,
+               box_margin: float = 0.0) -> np.ndarray:
   """Reads `path` and returns uint8 (H, W, 3) at `image_size` = (H, W).
 
-  Applies the EXIF orientation. Raises OSError/ValueError (PIL's) for
-  unreadable, truncated or non-image files; `decode` turns them into reasons.
+  Applies the EXIF orientation, then `frame`. Raises OSError/ValueError
+  (PIL's) for unreadable, truncated or non-image files; `decode` turns them
+  into reasons.
   """
   with Image.open(path) as image:
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
-    return to_model_input(image, image_size)
+    return to_model_input(image, image_size, resize, box, box_margin)
+
+
+def _box_key(path: str) -> str:
+  """A box file's lookup key: '/'-separated, no leading './', no extension."""
+  path = path.strip().replace('\\', '/')
+  while path.startswith('./'):
+    path = path[2:]
+  return os.path.splitext(path)[0]
+
+
+def read_boxes(path: str) -> Dict[str, Tuple[float, float, float, float]]:
+  """{image key: (x, y, w, h)} of a face-box CSV `path,x,y,w,h` (pixels).
+
+  A header line is optional; VGGFace2's `loose_bb_*.csv` (NAME_ID, X, Y, W,
+  H, paths without extension) reads as it is. Paths are relative to the
+  images folder; `find_box` looks an image up with or without extension.
+  ValueError names the line of a bad row.
+  """
+  boxes = {}
+  with open(path, newline='', encoding='utf-8', errors='surrogateescape') as f:
+    for n, row in enumerate(csv.reader(f), 1):
+      if not row or not ''.join(row).strip():
+        continue
+      try:
+        if len(row) != 5:
+          raise ValueError('expected path,x,y,w,h')
+        values = tuple(float(v) for v in row[1:])
+      except ValueError as e:
+        if n == 1:
+          continue                           # A header.
+        raise ValueError(f'{path}, line {n}: {e}') from None
+      if values[2] <= 0 or values[3] <= 0:
+        raise ValueError(f'{path}, line {n}: width and height must be > 0')
+      boxes[_box_key(row[0])] = values
+  if not boxes:
+    raise ValueError(f'{path}: no face boxes (rows path,x,y,w,h).')
+  return boxes
+
+
+def find_box(boxes: Optional[Dict[str, tuple]], rel_path: str):
+  """The box of the image at `rel_path` (relative to the images folder), or
+  None when `boxes` is None or lists no box for it."""
+  if boxes is None:
+    return None
+  return boxes.get(_box_key(rel_path))
 
 
 def error_reason(error: BaseException) -> str:
@@ -109,8 +214,9 @@ def error_reason(error: BaseException) -> str:
   return f'{type(error).__name__}: {text}'
 
 
-def decode(path: str,
-           image_size: Sequence[int]) -> Tuple[Optional[np.ndarray], str]:
+def decode(path: str, image_size: Sequence[int], resize: str = 'stretch',
+           box: Optional[Sequence[float]] = None, box_margin: float = 0.0
+           ) -> Tuple[Optional[np.ndarray], str]:
   """`load_image` that never raises: (uint8 (H, W, 3), '') or (None, reason).
 
   The one decode of data preparation, the labeller and `load_images`; the
@@ -132,7 +238,7 @@ def decode(path: str,
       raise ValueError('not a regular file')
     if mode.st_size == 0:
       raise ValueError('empty file (0 bytes)')
-    return load_image(path, image_size), ''
+    return load_image(path, image_size, resize, box, box_margin), ''
   except Exception as e:  # pylint: disable=broad-except
     return None, error_reason(e)
 

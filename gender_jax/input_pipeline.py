@@ -8,7 +8,12 @@ batches to its share of the global batch and hands numpy batches to
 * Training: shuffle (buffer `config.shuffle_buffer`, seed `config.seed +
   epoch`), repeat `config.repeat` times, full batches only. An epoch is
   deterministic given (seed, epoch), so a run resumed at `start_step` sees the
-  same remaining batches.
+  same remaining batches. On a dataset of several sources (splits
+  `train_<source>`, see `gender_jax.prepare_data`), `config.source_weights`
+  ('utkface:1,folders:1') draws each example from a source with those
+  weights, each source shuffled and repeated on its own; empty (the default)
+  reads the union of the sources, i.e. weights proportional to their sizes.
+  Either way an epoch has `examples * repeat // batch` steps.
 * Evaluation: every example exactly once; the last batches are padded with
   zero images whose `mask` is False, and every process yields the same number
   of batches.
@@ -22,9 +27,10 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from gender_jax import cli
 from gender_jax import dataset
+from gender_jax import errors
 from gender_jax import sharding
+from gender_jax import sources
 
 log = logging.getLogger(__name__)
 _logged_resizes = set()
@@ -32,13 +38,37 @@ _caches = {}
 
 
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
-  """Examples in `split` (any TFDS split string, e.g. 'train[:10%]')."""
-  available = list(builder.info.splits)
-  for part in split.split('+'):
-    if part.split('[')[0].strip() not in available:
-      raise cli.UserError(f'split {part!r} is not in the dataset at '
-                       f'{builder.data_dir}; it has {sorted(available)}.')
-  return builder.info.splits[split].num_examples
+  """Examples in `split` (any TFDS split string, e.g. 'train[:10%]', or a
+  part's union of source splits, see `dataset.resolve_split`)."""
+  return builder.info.splits[dataset.resolve_split(builder, split)].num_examples
+
+
+def train_source_weights(config, builder) -> dict:
+  """{stored train split: weight} from `config.source_weights`; {} when it is
+  empty (read the union). UserError naming a source the split lacks or a
+  source left without a weight."""
+  weights = sources.parse_weights(config.source_weights)
+  if not weights:
+    return {}
+  members = dataset.resolve_split(builder, config.train_split).split('+')
+  by_source = {}
+  for member in members:
+    part, _, name = member.partition('_')
+    if '[' in member or not name:
+      raise errors.UserError(
+          f'config.source_weights={config.source_weights!r} needs '
+          f'config.train_split={config.train_split!r} to name whole source '
+          f'splits <part>_<source>; it reads {member!r}.')
+    by_source[name] = member
+  unknown = sorted(set(weights) - set(by_source))
+  missing = sorted(set(by_source) - set(weights))
+  if unknown or missing:
+    raise errors.UserError(
+        f'config.source_weights={config.source_weights!r}: '
+        + (f'no source {unknown} in {config.train_split!r}; ' if unknown else '')
+        + (f'no weight for {missing}; ' if missing else '')
+        + f'the sources are {sorted(by_source)}.')
+  return {by_source[name]: w for name, w in weights.items() if w > 0}
 
 
 def stored_image_size(builder: tfds.core.DatasetBuilder) -> tuple:
@@ -49,14 +79,14 @@ def stored_image_size(builder: tfds.core.DatasetBuilder) -> tuple:
 def train_steps_per_epoch(config, builder) -> int:
   """Full local batches per epoch: per-process examples * repeat // batch."""
   local = sharding.local_batch_size(config.batch_size)
-  num_examples(builder, config.train_split)   # Checks the split exists.
   per_process = builder.info.splits[tfds.split_for_jax_process(
-      config.train_split, drop_remainder=True)].num_examples
+      dataset.resolve_split(builder, config.train_split),
+      drop_remainder=True)].num_examples
   steps = per_process * config.repeat // local
   if config.steps_per_epoch:
     steps = min(steps, config.steps_per_epoch)
   if steps < 1:
-    raise cli.UserError(
+    raise errors.UserError(
         f'{config.train_split!r} has {per_process} examples per process, '
         f'fewer than one batch of {local} (x repeat {config.repeat}); lower '
         'config.batch_size.')
@@ -66,7 +96,7 @@ def train_steps_per_epoch(config, builder) -> int:
 def eval_steps(config, builder, split: str) -> int:
   """Batches `eval_iterator` yields (the same on every process)."""
   local = sharding.local_batch_size(config.eval_batch_size)
-  num_examples(builder, split)   # Checks the split exists.
+  split = dataset.resolve_split(builder, split)
   count = jax.process_count()
   per_process = max(builder.info.splits[tfds.split_for_jax_process(
       split, process_index=i, process_count=count)].num_examples
@@ -113,9 +143,10 @@ def _preprocess_fn(config, builder):
   return preprocess
 
 
-def _train_examples(config, builder, epoch: int):
-  """This process's decoded training examples, files shuffled per epoch."""
-  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
+def _train_examples(config, builder, epoch: int, split: str):
+  """This process's decoded examples of stored train split(s) `split`, files
+  shuffled per epoch."""
+  split = tfds.split_for_jax_process(split, drop_remainder=True)
   preprocess = _preprocess_fn(config, builder)
   if not config.cache:
     return _read(builder, split, True, config.seed + epoch).map(
@@ -134,10 +165,18 @@ def train_dataset(config, builder, epoch: int, start_step: int = 0):
   """The local tf.data.Dataset behind `train_iterator` (numpy batches)."""
   steps = train_steps_per_epoch(config, builder)
   seed = config.seed + epoch
-  ds = _train_examples(config, builder, epoch)
-  ds = ds.shuffle(config.shuffle_buffer, seed=seed,
-                  reshuffle_each_iteration=True)
-  ds = ds.repeat(config.repeat)
+  weights = train_source_weights(config, builder)
+  splits = list(weights) or [dataset.resolve_split(builder, config.train_split)]
+  parts = [_train_examples(config, builder, epoch, split).shuffle(
+      config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+           for split in splits]
+  if weights:
+    total = sum(weights.values())
+    ds = tf.data.Dataset.sample_from_datasets(
+        [part.repeat() for part in parts],
+        weights=[weights[split] / total for split in splits], seed=seed)
+  else:
+    ds = parts[0].repeat(config.repeat)
   ds = ds.batch(sharding.local_batch_size(config.batch_size),
                 drop_remainder=True)
   ds = ds.take(steps).skip(start_step)
@@ -153,7 +192,8 @@ def eval_dataset(config, builder, split: str):
       'image': tf.zeros((height, width, 3), tf.uint8),
       'label': tf.constant(0, tf.int32),
       'mask': tf.constant(False)}).repeat()   # Padding.
-  process_split = tfds.split_for_jax_process(split)
+  process_split = tfds.split_for_jax_process(
+      dataset.resolve_split(builder, split))
   if builder.info.splits[process_split].num_examples:  # Else: padding only.
     examples = _read(builder, process_split, False, config.seed).map(
         _preprocess_fn(config, builder), num_parallel_calls=tf.data.AUTOTUNE)

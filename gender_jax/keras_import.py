@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from gender_jax import checkpointing
-from gender_jax import cli
 from gender_jax import config_lib
+from gender_jax import errors
 from gender_jax import models
 
 KERAS_SUFFIXES = ('.keras', '.h5', '.hdf5')
@@ -64,7 +64,7 @@ def _describe(layer) -> str:
 
 
 def _refuse(layer, problem: str):
-  raise cli.UserError(
+  raise errors.UserError(
       f'{_describe(layer)} {problem}: this is not the original gender CNN '
       '(see benchmarks/keras_reference.py), which is the only architecture '
       'that can be imported.')
@@ -159,7 +159,7 @@ def match_layers(model) -> List[Tuple[str, Any]]:
     elif i < len(found):
       _refuse(found[i][1], f'stands where {_DESCRIPTION[role]} is expected')
     else:
-      raise cli.UserError(
+      raise errors.UserError(
           f'The Keras model {model.name!r} ends before {_DESCRIPTION[role]}: '
           'this is not the original gender CNN (see '
           'benchmarks/keras_reference.py).')
@@ -184,7 +184,7 @@ def image_size(model) -> Tuple[int, int]:
   shape = model.input_shape
   if (not isinstance(shape, tuple) or len(shape) != 4 or shape[3] != 3 or
       not all(isinstance(s, int) for s in shape[1:3])):
-    raise cli.UserError(
+    raise errors.UserError(
         f'The Keras model {model.name!r} takes input of shape {shape}; '
         'expected (None, height, width, 3) with a fixed height and width.')
   return shape[1], shape[2]
@@ -252,7 +252,7 @@ def choose_model(config: ml_collections.ConfigDict, variables,
       return name
     first_mismatch = first_mismatch or (bad[0], want[bad[0]])
   path, shape = first_mismatch
-  raise cli.UserError(
+  raise errors.UserError(
       f'Keras layer {sources[module(path)]!r} holds {path.split("/")[-1]} of '
       f'shape {got.get(path)}, expected {shape} (the original widths 32, 64, '
       '96, 128 and 512): this is not the original gender CNN.')
@@ -261,16 +261,16 @@ def choose_model(config: ml_collections.ConfigDict, variables,
 def load_keras_model(path: str):
   """Loads a full Keras model file (.keras or .h5) without its optimizer."""
   if not os.path.isfile(path):
-    raise cli.UserError(f'{path!r} does not exist: pass the .keras or .h5 '
+    raise errors.UserError(f'{path!r} does not exist: pass the .keras or .h5 '
                         'file the original project saved.')
   if not path.lower().endswith(KERAS_SUFFIXES):
-    raise cli.UserError(f'{path!r}: expected a Keras model file ending in '
+    raise errors.UserError(f'{path!r}: expected a Keras model file ending in '
                         f'{", ".join(KERAS_SUFFIXES)}.')
   import keras  # pylint: disable=g-import-not-at-top
   try:
     return keras.saving.load_model(path, compile=False)
   except Exception as e:  # pylint: disable=broad-except
-    raise cli.UserError(
+    raise errors.UserError(
         f'Keras cannot load {path!r} ({type(e).__name__}: {e}); pass a full '
         'model file saved with model.save(), not weights only.') from e
 
@@ -286,7 +286,7 @@ def import_keras(keras_path: str, workdir: str,
   """
   for existing in (checkpointing.CONFIG_FILE, 'best', 'checkpoints'):
     if os.path.exists(os.path.join(workdir, existing)):
-      raise cli.UserError(
+      raise errors.UserError(
           f'{workdir!r} already holds a run ({existing}); choose a new '
           '--workdir.')
   if model is None:

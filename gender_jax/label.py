@@ -35,17 +35,18 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from gender_jax import cli
+from gender_jax import errors
 from gender_jax import image_io
 from gender_jax import label_report
 from gender_jax import locking
 from gender_jax import predict
+from gender_jax import labels as labels_lib
 
 BASE_COLUMNS = ('path', 'p_male', 'predicted')
 ERROR_COLUMN = 'error'
 
 
-class LabelError(cli.UserError, ValueError):
+class LabelError(errors.UserError, ValueError):
   """A labelling input the user must fix; the message says which and how."""
 
 
@@ -395,7 +396,7 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
     labelled in this call, compile excluded) and the written file paths.
 
   Raises:
-    LabelError (a `cli.UserError`): a missing workdir or folder, a bad
+    LabelError (a `errors.UserError`): a missing workdir or folder, a bad
       labels file, a CSV made with other arguments; locking.LockedError:
       another run is writing `output_csv`.
   """
@@ -433,7 +434,7 @@ def _label(config, workdir, images_dir, outputs, predictor, num_workers,
             f'{len(files) - len(todo)} already labelled, {len(todo)} to do.',
             progress)
   compile_seconds = _warm_up(predictor)
-  names = label_report.class_names()   # Imported here: not labelling time.
+  names = labels_lib.CLASS_NAMES
   start = time.perf_counter()
   with tqdm.tqdm(total=len(files), initial=len(files) - len(todo), unit='img',
                  disable=not progress, smoothing=0.1) as bar:

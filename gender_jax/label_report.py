@@ -26,22 +26,13 @@ import numpy as np
 from gender_jax import image_io
 from gender_jax import plots
 from gender_jax import predict
+from gender_jax import labels as labels_lib
 
 FOLDER_LABELS = 'folders'          # labels= value: take labels from folders.
 DISPLAY_SIZE = (120, 100)          # (H, W) of faces in the mislabels PNG.
-_LABEL_VALUES = {'0': 0, '1': 1, 'female': 0, 'male': 1, 'f': 0, 'm': 1,
-                 'woman': 0, 'man': 1}
 _PATH_COLUMNS = ('path', 'file', 'filename', 'image', 'folder', 'directory',
                  'identity', 'class_id')
 _LABEL_COLUMNS = ('label', 'gender', 'sex')
-
-
-def class_names() -> tuple:
-  """`dataset.CLASS_NAMES` ('female', 'male'; label 1 = male), imported when
-  first needed: `dataset` loads TensorFlow (seconds, and lines on stderr),
-  which a labelling run that stops at a user error should not wait for."""
-  from gender_jax import dataset  # pylint: disable=g-import-not-at-top
-  return dataset.CLASS_NAMES
 
 
 def open_csv(path: str, mode: str = 'r'):
@@ -105,14 +96,6 @@ def read_results(output_csv: str):
 # ------------------------------------------------------------- given labels --
 
 
-def parse_label(value: str) -> int:
-  """0/1, female/male, f/m (any case) -> 0/1; ValueError otherwise."""
-  key = value.strip().lower()
-  if key not in _LABEL_VALUES:
-    raise ValueError(f'label {value!r}: expected 0/1, female/male or f/m')
-  return _LABEL_VALUES[key]
-
-
 def _normalize(path: str, images_dir: Optional[str]) -> str:
   path = path.strip().replace('\\', '/')
   if images_dir and os.path.isabs(path):
@@ -148,7 +131,7 @@ def read_labels(labels_csv: str, images_dir: Optional[str] = None
       if not row or not ''.join(row).strip():
         continue
       try:
-        labels[_normalize(row[path_col], images_dir)] = parse_label(
+        labels[_normalize(row[path_col], images_dir)] = labels_lib.parse_label(
             row[label_col])
       except (ValueError, IndexError) as e:
         raise ValueError(f'{labels_csv}, line {line}: {e}') from e
@@ -256,7 +239,7 @@ def _write_mislabels(outputs, paths, ok, values, predicted, given,
   order, scores = mislabel_order(p, given, ok,
                                  values['mc_mutual_info'] if mc else None)
   mc_cols = list(predict.MC_KEYS) if mc else []
-  names = class_names()
+  names = labels_lib.CLASS_NAMES
   header = ['rank', 'path', 'given', 'predicted', 'score', 'p_male'] + mc_cols
   rows = ([rank, paths[i], names[given[i]], names[predicted[i]],
            _fmt(float(score)), _fmt(values['p_male'][i])]
@@ -335,7 +318,8 @@ def _directory_row(folder, idx, ok, p_male, predicted, given):
     majority = int(n_male > n_female or (n_male == n_female and mean_p >= 0.5))
     agreement = (n_male if majority else n_female) / len(good)
   row = [folder, len(idx), len(idx) - len(good), n_male, n_female,
-         '' if majority is None else class_names()[majority], _fmt(agreement),
+         '' if majority is None else labels_lib.CLASS_NAMES[majority],
+         _fmt(agreement),
          _fmt(mean_p)]
   if given is not None:
     sel = good[given[good] >= 0]
@@ -345,7 +329,7 @@ def _directory_row(folder, idx, ok, p_male, predicted, given):
 
 def _flagged_rows(paths, ok, p_male, predicted, given, majority_of):
   """Rows of readable images that disagree with their folder or label."""
-  names, flagged = class_names(), []
+  names, flagged = labels_lib.CLASS_NAMES, []
   for i in np.flatnonzero(ok):
     reasons = []
     majority = majority_of.get(_folder(paths[i]))

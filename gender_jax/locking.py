@@ -18,10 +18,10 @@ from typing import Iterator, Optional
 
 from absl import logging
 
-from gender_jax import cli
+from gender_jax import errors
 
 
-class LockedError(cli.UserError):
+class LockedError(errors.UserError):
   """The lock is held by another live process; the message names it."""
 
 

@@ -1,14 +1,24 @@
-"""Builds the `gender_faces` TFDS dataset from raw folders or original shards.
+"""Builds the `gender_faces` TFDS dataset from labelled sources or original shards.
 
 Two entry points, both writing `<data_dir>/gender_faces/1.0.0/`:
 
-* `prepare_raw`: image folders -> TFRecord shards in the original project's
-  format (`images` = `tf.io.serialize_tensor` bytes of a uint8 HxWx3 RGB
-  image, `label` = int64, male = 1) + TFDS metadata. Decoding, resizing and
-  writing run in worker processes, one whole shard per task.
+* `prepare_sources`: one or more labelled sources (`gender_jax.sources`:
+  raw folders, UTKFace, CelebA, a CSV) -> TFRecord shards in the original
+  project's format (`images` = `tf.io.serialize_tensor` bytes of a uint8
+  HxWx3 RGB image, `label` = int64, male = 1) + TFDS metadata. Decoding,
+  framing, resizing and writing run in worker processes, one whole shard per
+  task. `prepare_raw` is the one-folder-set case.
 * `wrap_tfrecords`: the original project's shards (`train_male.tfrecord-01-of-20`
   ...) are linked (or copied) under TFDS shard names and metadata is written;
   images are not decoded or re-encoded.
+
+Splits: one source gives the splits `train`, `validation` and `test`.
+Several sources give one split per source and part, `<part>_<source>`
+(`train_utkface`, `test_folders`, ...): training mixes the `train_*` splits
+with configured weights, `evaluate.py --split=test_utkface` reports one
+source, and `train`/`validation`/`test` name the union of a part's splits
+(`dataset.resolve_split`). The sources and their counts are recorded in the
+dataset's metadata (`metadata.json`).
 
 Output is written to `<version>.tmp-<pid>` and renamed into place, so an
 interrupted run never leaves a dataset that loads; a later run removes the
@@ -17,9 +27,9 @@ Worker processes die with the run (Linux parent-death signal, else a
 watchdog thread), so a killed run leaves none behind.
 
 Images are decoded by `gender_jax.image_io.decode`, shared with the labeller
-(EXIF orientation, 8-bit RGB for every PIL mode, alpha over black, bilinear
-resize: rules in `gender_jax.image_io`). Files it cannot decode are skipped,
-logged and counted.
+(EXIF orientation, 8-bit RGB for every PIL mode, alpha over black, framing,
+bilinear resize: rules in `gender_jax.image_io`). Files it cannot decode
+are skipped, logged and counted.
 """
 
 import concurrent.futures
@@ -36,33 +46,22 @@ import signal
 import struct
 import threading
 import time
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
-from gender_jax import cli
 from gender_jax import dataset
+from gender_jax import errors
 from gender_jax import image_io
+from gender_jax import labels
 from gender_jax import locking
+from gender_jax import sources as sources_lib
+from gender_jax.sources import LayoutError  # pylint: disable=g-bad-import-order
 
 SHUFFLE_SEED = 42
 EXAMPLES_PER_SHARD = 1000
-SPLIT_ALIASES = {
-    'train': ('train', 'training'),
-    'validation': ('validation', 'valid', 'val'),
-    'test': ('test', 'testing'),
-}
-REQUIRED_SPLITS = ('train', 'validation')
-CLASS_ALIASES = {
-    'female': ('female', 'woman', 'women'),
-    'male': ('male', 'man', 'men'),
-}
-EXPECTED_LAYOUT = """Expected layout (names case-insensitive):
-  RAW_DIR/Train|Training/Female|Woman/<images>  and  .../Male|Man/<images>
-  RAW_DIR/Validation|Valid|Val/Female|Woman/...  and  .../Male|Man/...
-  RAW_DIR/Test|Testing/Female|Woman/...  and  .../Male|Man/...   (optional)"""
 _SHARD_NAME = re.compile(
     r'^(?P<split>[a-z]+)[_.-](?P<cls>[a-z]+)\.tfrecords?'
     r'(?:-(?P<index>\d+)-of-(?P<total>\d+))?$', re.IGNORECASE)
@@ -70,23 +69,21 @@ _SHARD_NAME = re.compile(
 log = logging.getLogger(__name__)
 
 
-class LayoutError(cli.UserError, ValueError):
-  """An input folder or file this module cannot make a dataset from; the
-  message names it and says what to do (scripts: one line, exit status 2)."""
-
-
 @dataclasses.dataclass
 class PrepareResult:
   """What a prepare run wrote.
 
-  counts: split -> {'female': n, 'male': n} examples written.
+  counts: split -> {'female': n, 'male': n} examples written (the dataset's
+    own split names: `train`, ... or `train_<source>`, ...).
   skipped: (path, reason) of every input file that was not written.
+  sources: source name -> {'kind', 'path', 'counts': {part: {class: n}}}.
   """
   output_dir: str
   image_size: tuple
   counts: dict
   skipped: list
   seconds: float
+  sources: dict = dataclasses.field(default_factory=dict)
 
   def num_examples(self, split: Optional[str] = None) -> int:
     splits = [split] if split else list(self.counts)
@@ -99,91 +96,18 @@ class PrepareResult:
     for split, by_class in self.counts.items():
       lines.append(f'  {split}: {sum(by_class.values())} examples ('
                    + ', '.join(f'{c} {n}' for c, n in by_class.items()) + ')')
+    if len(self.sources) > 1:
+      for name, info in self.sources.items():
+        parts = ', '.join(f'{part} {sum(c.values())}'
+                          for part, c in info['counts'].items())
+        lines.append(f"  source {name} ({info['kind']} {info['path']}): "
+                     f'{parts}')
     lines.append(f'  skipped {len(self.skipped)} file(s)' +
                  ''.join(f'\n    {p}: {r}' for p, r in self.skipped))
     return '\n'.join(lines)
 
 
-# ---------------------------------------------------------------- raw folders
-
-
-def _match_alias(name: str, aliases: dict) -> Optional[str]:
-  for canonical, names in aliases.items():
-    if name.lower() in names:
-      return canonical
-  return None
-
-
-def _entries(path: str) -> list:
-  """The entries of folder `path` by name; LayoutError if it cannot be read."""
-  try:
-    return sorted(os.scandir(path), key=lambda e: e.name)
-  except OSError as e:
-    raise LayoutError(f'cannot read folder {path}: {e.strerror}.') from e
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-  """`entry.is_dir()`, False for a symbolic-link loop instead of raising."""
-  try:
-    return entry.is_dir()
-  except OSError:
-    return False
-
-
-def _alias_dirs(path: str, aliases: dict, what: str) -> dict:
-  """Maps canonical names to the subdirectories of `path` named by aliases."""
-  found = {}
-  for entry in _entries(path):
-    if not _is_dir(entry):
-      continue
-    canonical = _match_alias(entry.name, aliases)
-    if canonical is None:
-      log.warning('ignoring folder %s: not a %s folder', entry.path, what)
-    elif canonical in found:
-      raise LayoutError(
-          f'{path}: both {found[canonical]!r} and {entry.name!r} name the '
-          f'{canonical} {what}; keep one.\n{EXPECTED_LAYOUT}')
-    else:
-      found[canonical] = entry.name
-  return found
-
-
-def find_raw_files(raw_dir: str) -> dict:
-  """Returns {split: {class: [image paths]}} of a raw folder set.
-
-  Every non-hidden entry of a class folder is listed, including folders,
-  broken symbolic links and link loops: `image_io.decode` gives each one that
-  is not an image its skip reason. Raises LayoutError naming the path and the
-  expected layout when a required split or class folder is missing or empty.
-  """
-  if not os.path.isdir(raw_dir):
-    raise LayoutError(f'{raw_dir} is not a folder.\n{EXPECTED_LAYOUT}')
-  splits = _alias_dirs(raw_dir, SPLIT_ALIASES, 'split')
-  missing = [s for s in REQUIRED_SPLITS if s not in splits]
-  if missing:
-    raise LayoutError(
-        f'{raw_dir}: no {" or ".join(missing)} folder found (has: '
-        f'{sorted(os.listdir(raw_dir))}).\n{EXPECTED_LAYOUT}')
-  files = {}
-  for split in SPLIT_ALIASES:
-    if split not in splits:
-      continue
-    split_dir = os.path.join(raw_dir, splits[split])
-    classes = _alias_dirs(split_dir, CLASS_ALIASES, 'class')
-    files[split] = {}
-    for cls in dataset.CLASS_NAMES:
-      if cls not in classes:
-        raise LayoutError(
-            f'{split_dir}: no {cls} class folder (has: '
-            f'{sorted(os.listdir(split_dir))}).\n{EXPECTED_LAYOUT}')
-      class_dir = os.path.join(split_dir, classes[cls])
-      paths = [entry.path for entry in _entries(class_dir)
-               if not entry.name.startswith('.')]
-      if not paths:
-        raise LayoutError(f'{class_dir}: class folder is empty.\n'
-                          f'{EXPECTED_LAYOUT}')
-      files[split][cls] = paths
-  return files
+# ---------------------------------------------------------------- sources --
 
 
 def _example(image_bytes: bytes, label: int) -> bytes:
@@ -196,11 +120,19 @@ def _example(image_bytes: bytes, label: int) -> bytes:
 
 
 @dataclasses.dataclass
+class _Framing:
+  """How every image is cut and resized (see `image_io.frame`)."""
+  image_size: tuple
+  resize: str = 'stretch'
+  box_margin: float = 0.0
+
+
+@dataclasses.dataclass
 class _ShardTask:
   split: str
   path: str
-  items: list          # [(image path, label)]
-  image_size: tuple
+  items: list          # [(image path, label, face box or None)]
+  framing: _Framing
 
 
 _PROGRESS_EVERY = 50   # Images between progress reports from a worker.
@@ -209,17 +141,19 @@ _worker_progress = None
 
 
 def _write_shard(task: _ShardTask, report=None):
-  """Decodes, resizes and writes one shard; returns (task, counts, skipped).
+  """Decodes, frames and writes one shard; returns (task, counts, skipped).
 
   `report(n)` is called every few images with the number done since the last
   call (default: the worker's progress queue, if any).
   """
   report = report or (_worker_progress.put if _worker_progress else None)
-  counts = [0] * len(dataset.CLASS_NAMES)
+  counts = [0] * len(labels.CLASS_NAMES)
   skipped = []
+  framing = task.framing
   with tf.io.TFRecordWriter(task.path) as writer:
-    for i, (path, label) in enumerate(task.items, 1):
-      image, reason = image_io.decode(path, task.image_size)
+    for i, (path, label, box) in enumerate(task.items, 1):
+      image, reason = image_io.decode(path, framing.image_size, framing.resize,
+                                      box, framing.box_margin)
       if image is None:
         skipped.append((path, reason))
       else:   # Write errors (disk full...) abort the run instead.
@@ -258,7 +192,8 @@ def _init_worker(progress_queue, parent_pid: int):
 
 
 def _run_tasks(tasks, num_workers: int, total: int, show_progress: bool):
-  """Yields `_write_shard` results, in parallel processes when asked."""
+  """Yields `_write_shard` results as shards finish, in parallel processes
+  when asked."""
   bar = tqdm.tqdm(total=total, unit='img', disable=not show_progress,
                   desc='prepare', smoothing=0.1)
   with bar:
@@ -291,17 +226,50 @@ def _shard_name(split: str, index: int, total: int) -> str:
   return f'{dataset.NAME}-{split}.tfrecord-{index:05d}-of-{total:05d}'
 
 
+def _source_root(source: sources_lib.Source) -> str:
+  """The folder a source's paths (and face-box paths) are relative to."""
+  return (os.path.dirname(os.path.abspath(source.path))
+          if source.kind == 'csv' else os.path.abspath(source.path))
+
+
+def _read_sources(specs: Sequence[str], val_fraction: float,
+                  test_fraction: float) -> list:
+  parsed = [sources_lib.parse_spec(s) for s in specs]
+  if not parsed:
+    raise LayoutError('no source: give --source=KIND:PATH (or --raw_dir).')
+  names = sources_lib.source_names(parsed)
+  return [sources_lib.read_source(kind, path, name, val_fraction,
+                                  test_fraction)
+          for name, (_, kind, path) in zip(names, parsed)]
+
+
 def prepare_raw(raw_dir: str, data_dir: str, image_size=(218, 178),
-                num_shards: Optional[int] = None,
-                num_workers: Optional[int] = None, overwrite: bool = False,
-                show_progress: bool = True) -> PrepareResult:
-  """Converts raw image folders into the `gender_faces` TFDS dataset.
+                **kwargs) -> PrepareResult:
+  """`prepare_sources` of one raw folder set (`folders` source)."""
+  return prepare_sources([f'folders:{raw_dir}'], data_dir, image_size,
+                         **kwargs)
+
+
+def prepare_sources(specs: Sequence[str], data_dir: str,
+                    image_size=(218, 178), *,
+                    val_fraction: float = sources_lib.DEFAULT_VAL_FRACTION,
+                    test_fraction: float = sources_lib.DEFAULT_TEST_FRACTION,
+                    resize: str = 'stretch', boxes: Optional[str] = None,
+                    box_margin: float = 0.0,
+                    num_shards: Optional[int] = None,
+                    num_workers: Optional[int] = None, overwrite: bool = False,
+                    show_progress: bool = True) -> PrepareResult:
+  """Converts labelled sources into the `gender_faces` TFDS dataset.
 
   Args:
-    raw_dir: folder with Train/, Validation/ and optionally Test/, each with
-      Female/ and Male/ (aliases: see EXPECTED_LAYOUT).
+    specs: '[NAME=]KIND:PATH' per source (`gender_jax.sources`).
     data_dir: TFDS data_dir; the dataset goes to data_dir/gender_faces/1.0.0.
-    image_size: (height, width) every image is resized to.
+    image_size: (height, width) every image is framed and resized to.
+    val_fraction, test_fraction: the content-hash split of files that come
+      without a split of their own (`sources.hash_split`).
+    resize: 'stretch', 'crop' or 'pad' (`image_io.frame`).
+    boxes: CSV of face boxes `path,x,y,w,h` (paths relative to each source's
+      folder); an image with a box is cut to it, grown by `box_margin`.
     num_shards: shards per split (default: one per ~1000 images).
     num_workers: processes decoding and writing (default: CPU count).
     overwrite: replace an existing dataset (atomically) instead of refusing.
@@ -309,33 +277,52 @@ def prepare_raw(raw_dir: str, data_dir: str, image_size=(218, 178),
   """
   start = time.time()
   image_size = tuple(int(s) for s in image_size)
+  if resize not in image_io.RESIZE_MODES:
+    raise LayoutError(f'--resize={resize!r}: expected one of '
+                      f'{"|".join(image_io.RESIZE_MODES)}.')
+  if box_margin < 0:
+    raise LayoutError(f'--box_margin={box_margin}: expected >= 0.')
   final = dataset.dataset_dir(data_dir)
   _check_target(final, overwrite)
-  files = find_raw_files(raw_dir)
+  try:
+    box_table = image_io.read_boxes(boxes) if boxes else None
+  except (OSError, ValueError) as e:
+    raise LayoutError(f'--boxes: {e}') from e
+  sources = _read_sources(specs, val_fraction, test_fraction)
+  framing = _Framing(image_size, resize, box_margin)
   if num_workers is None:
     num_workers = len(os.sched_getaffinity(0))
   tmp = _make_tmp(final)
   try:
-    tasks = []
-    for split, by_class in files.items():
-      items = sorted((p, label) for label, cls in enumerate(dataset.CLASS_NAMES)
-                     for p in by_class[cls])
-      random.Random(SHUFFLE_SEED).shuffle(items)
-      n = num_shards or math.ceil(len(items) / EXAMPLES_PER_SHARD)
-      n = max(1, min(n, len(items)))
-      tasks += [_ShardTask(split, os.path.join(tmp, _shard_name(split, i, n)),
-                           items[i::n], image_size) for i in range(n)]
+    tasks, skipped = [], []
+    for source in sources:
+      skipped += source.skipped
+      root = _source_root(source)
+      for part in labels.SPLITS:
+        items = sorted(
+            (item.path, item.label, image_io.find_box(
+                box_table, os.path.relpath(item.path, root)))
+            for item in source.items if item.split == part)
+        if not items:
+          continue
+        split = part if len(sources) == 1 else f'{part}_{source.name}'
+        random.Random(SHUFFLE_SEED).shuffle(items)
+        n = num_shards or math.ceil(len(items) / EXAMPLES_PER_SHARD)
+        n = max(1, min(n, len(items)))
+        tasks += [_ShardTask(split, os.path.join(tmp, _shard_name(split, i, n)),
+                             items[i::n], framing) for i in range(n)]
     tasks.sort(key=lambda t: -len(t.items))   # Big shards first.
     total = sum(len(t.items) for t in tasks)
-    log.info('preparing %d images from %s with %d worker(s) into %s', total,
-             raw_dir, num_workers, final)
+    log.info('preparing %d images from %d source(s) with %d worker(s) into %s',
+             total, len(sources), num_workers, final)
+    splits = sorted({t.split for t in tasks},
+                    key=lambda s: (labels.SPLITS.index(s.split('_')[0]), s))
     shard_lengths = {t.path: 0 for t in tasks}
-    counts = {s: dict.fromkeys(dataset.CLASS_NAMES, 0) for s in files}
-    skipped = []
+    counts = {s: dict.fromkeys(labels.CLASS_NAMES, 0) for s in splits}
     for task, shard_counts, shard_skipped in _run_tasks(
         tasks, num_workers, total, show_progress):
       shard_lengths[task.path] = sum(shard_counts)
-      for cls, n in zip(dataset.CLASS_NAMES, shard_counts):
+      for cls, n in zip(labels.CLASS_NAMES, shard_counts):
         counts[task.split][cls] += n
       for path, reason in shard_skipped:
         log.warning('skipped %s: %s', path, reason)
@@ -343,18 +330,47 @@ def prepare_raw(raw_dir: str, data_dir: str, image_size=(218, 178),
     for split, by_class in counts.items():
       for cls, n in by_class.items():
         if not n:
-          raise LayoutError(f'{raw_dir}: no readable {cls} image in the '
-                            f'{split} split (all files skipped).')
+          raise LayoutError(f'{_split_origin(split, sources)}: no readable '
+                            f'{cls} image in the {split} split (all files '
+                            'skipped, or none given).')
+    described = _describe_sources(sources, counts)
     _write_metadata(tmp, image_size, {
         split: [shard_lengths[p] for p in sorted(shard_lengths)
                 if os.path.basename(p).startswith(f'{dataset.NAME}-{split}.')]
-        for split in files}, source=f'image folders in {raw_dir}')
+        for split in splits},
+        source='; '.join(f"{name}: {info['kind']} {info['path']}"
+                         for name, info in described.items()),
+        extra={'sources': described, 'resize': resize,
+               'box_margin': box_margin, 'boxes': boxes,
+               'val_fraction': val_fraction, 'test_fraction': test_fraction})
     _commit(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   skipped.sort()
-  return PrepareResult(final, image_size, counts, skipped, time.time() - start)
+  return PrepareResult(final, image_size, counts, skipped, time.time() - start,
+                       described)
+
+
+def _split_origin(split: str, sources) -> str:
+  if len(sources) == 1:
+    return sources[0].path
+  name = split.split('_', 1)[1]
+  return next(s.path for s in sources if s.name == name)
+
+
+def _describe_sources(sources, counts: Dict[str, dict]) -> dict:
+  """{name: {'kind', 'path', 'counts': {part: {class: n}}}} as written."""
+  out = {}
+  for source in sources:
+    parts = {}
+    for part in labels.SPLITS:
+      split = part if len(sources) == 1 else f'{part}_{source.name}'
+      if split in counts:
+        parts[part] = dict(counts[split])
+    out[source.name] = {'kind': source.kind,
+                        'path': os.path.abspath(source.path), 'counts': parts}
+  return out
 
 
 # ------------------------------------------------------- original TFRecords
@@ -401,8 +417,8 @@ def find_tfrecord_files(tfrecord_dir: str) -> dict:
   for name in sorted(os.listdir(tfrecord_dir)):
     path = os.path.join(tfrecord_dir, name)
     match = _SHARD_NAME.match(name)
-    split = match and _match_alias(match['split'], SPLIT_ALIASES)
-    cls = match and _match_alias(match['cls'], CLASS_ALIASES)
+    split = match and labels.match_alias(match['split'], labels.SPLIT_ALIASES)
+    cls = match and labels.match_alias(match['cls'], labels.CLASS_ALIASES)
     if not (split and cls):
       if '.tfrecord' in name.lower():
         raise LayoutError(
@@ -413,7 +429,7 @@ def find_tfrecord_files(tfrecord_dir: str) -> dict:
       continue
     key = (cls, int(match['index'] or 0), name)
     files.setdefault(split, []).append(key)
-  missing = [s for s in REQUIRED_SPLITS if s not in files]
+  missing = [s for s in sources_lib.REQUIRED_SPLITS if s not in files]
   if missing:
     raise LayoutError(
         f'{tfrecord_dir}: no {" or ".join(missing)} shards found. Expected '
@@ -440,7 +456,7 @@ def wrap_tfrecords(tfrecord_dir: str, data_dir: str, copy: bool = False,
   tmp = _make_tmp(final)
   try:
     image_size, shard_lengths = None, {}
-    counts = {s: dict.fromkeys(dataset.CLASS_NAMES, 0) for s in files}
+    counts = {s: dict.fromkeys(labels.CLASS_NAMES, 0) for s in files}
     for split, shards in files.items():
       shard_lengths[split] = []
       for i, (cls, path) in enumerate(shards):
@@ -455,10 +471,10 @@ def wrap_tfrecords(tfrecord_dir: str, data_dir: str, copy: bool = False,
                 f'{path}: images are {size[0]}x{size[1]}, other shards '
                 f'{image_size[0]}x{image_size[1]}; one dataset has one image '
                 'size: remove the odd shards.')
-          if dataset.CLASS_NAMES[label] != cls:
+          if labels.CLASS_NAMES[label] != cls:
             raise LayoutError(f'{path}: the name says {cls} but the first '
                               f'record has label {label} '
-                              f'({dataset.CLASS_NAMES[label]}); rename it.')
+                              f'({labels.CLASS_NAMES[label]}); rename it.')
         target = os.path.join(tmp, _shard_name(split, i, len(shards)))
         if copy:
           shutil.copyfile(path, target)
@@ -481,8 +497,9 @@ def wrap_tfrecords(tfrecord_dir: str, data_dir: str, copy: bool = False,
 
 
 def _write_metadata(path: str, image_size, shard_lengths: dict,
-                    source: str) -> None:
-  """Writes dataset_info.json and features.json beside the shards."""
+                    source: str, extra: Optional[dict] = None) -> None:
+  """Writes dataset_info.json, features.json and (with `extra`, e.g. the
+  sources and their counts) metadata.json beside the shards."""
   split_infos = []
   for split, lengths in shard_lengths.items():
     num_bytes = sum(os.path.getsize(os.path.join(path, _shard_name(
@@ -494,7 +511,8 @@ def _write_metadata(path: str, image_size, shard_lengths: dict,
       split_infos=split_infos, version=dataset.VERSION, check_data=False,
       description=('Face crops labelled female (0) / male (1), in the '
                    f'original Keras project\'s TFRecord format; from {source}.'),
-      supervised_keys=(dataset.IMAGE_KEY, dataset.LABEL_KEY))
+      supervised_keys=(dataset.IMAGE_KEY, dataset.LABEL_KEY),
+      metadata=tfds.core.MetadataDict(extra) if extra else None)
 
 
 def _remove_stale(final: str) -> None:
@@ -539,7 +557,7 @@ def _make_tmp(final: str) -> str:
     os.makedirs(tmp)
   except OSError as e:
     data_dir = os.path.dirname(os.path.dirname(final))
-    raise cli.UserError(
+    raise errors.UserError(
         f'cannot write the dataset into --data_dir {data_dir} ({e.strerror}: '
         f'{e.filename}); choose a folder you can write to.') from e
   return tmp

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gender_jax import cli
+from gender_jax import errors
 
 
 def make_mesh() -> Mesh:
@@ -32,7 +32,7 @@ def local_batch_size(global_batch_size: int) -> int:
   """This process's share of a global batch; it must divide evenly."""
   n_dev, n_proc = jax.device_count(), jax.process_count()
   if global_batch_size % n_dev:
-    raise cli.UserError(
+    raise errors.UserError(
         f'batch size {global_batch_size} is not divisible by the {n_dev} '
         'devices; choose a multiple of the device count.')
   return global_batch_size // n_proc

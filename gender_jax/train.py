@@ -61,9 +61,9 @@ import optax
 from gender_jax import augment
 from gender_jax import callbacks
 from gender_jax import checkpointing
-from gender_jax import cli
 from gender_jax import config_lib
 from gender_jax import dataset
+from gender_jax import errors
 from gender_jax import input_pipeline
 from gender_jax import locking
 from gender_jax import models
@@ -155,7 +155,7 @@ def _check_init_from(config) -> None:
   source = checkpointing.read_config(config.init_from)
   mismatch = _architecture_mismatch(config, source, config.init_from)
   if mismatch:
-    raise cli.UserError(
+    raise errors.UserError(
         f'config.init_from={config.init_from!r} holds another model '
         f'({mismatch}); fine-tune with the same --config.model and '
         '--config.image_size as stage 1.')
@@ -168,7 +168,7 @@ def _check_resume(config, workdir: str) -> None:
   mismatch = _architecture_mismatch(config, checkpointing.read_config(workdir),
                                     os.path.join(workdir, 'config.json'))
   if mismatch:
-    raise cli.UserError(
+    raise errors.UserError(
         f'--workdir={workdir} holds a run of another model ({mismatch}); '
         'resume it with its own settings or train in a new --workdir.')
 
@@ -554,7 +554,8 @@ class _Run:
         self.workdir, self.config, sharding=sharding.replicated(self.mesh))
     results = {}
     for split in (self.config.eval_split, 'test'):
-      if split == 'test' and 'test' not in self.builder.info.splits:
+      if split == 'test' and not ('test' in self.builder.info.splits or
+                                  dataset.source_splits(self.builder, 'test')):
         continue
       results[split] = evaluate(self.eval_fn, variables, self.config,
                                 self.builder, self.mesh, split)
@@ -589,7 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Everything a user can get wrong (config values, dataset, batch size, the
   workdir's or `init_from`'s model) is checked before the workdir is touched
-  and raised as `cli.UserError`; a second process on the same workdir stops
+  and raised as `errors.UserError`; a second process on the same workdir stops
   with `locking.LockedError`. `config.json` is written with the run's first
   checkpoint. Returns the summary also written to `<workdir>/results.json`.
   """

@@ -13,8 +13,8 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from gender_jax import checkpointing
-from gender_jax import cli
 from gender_jax import dataset
+from gender_jax import errors
 from gender_jax import evaluate
 from gender_jax import sharding
 from gender_jax import synthetic
@@ -241,9 +241,9 @@ def test_other_image_size_is_resized_with_a_warning(data_and_workdir,
 
 def test_user_mistakes_are_user_errors(data_and_workdir, tmp_path):
   data_dir, workdir = data_and_workdir
-  with pytest.raises(cli.UserError, match="'nosuch'.*'test'"):
+  with pytest.raises(errors.UserError, match="'nosuch'.*'test'"):
     evaluate.evaluate(workdir, data_dir, 'nosuch')
-  with pytest.raises(cli.UserError, match='no examples'):
+  with pytest.raises(errors.UserError, match='no examples'):
     evaluate.evaluate(workdir, data_dir, 'test[:0]')
   with pytest.raises(FileNotFoundError, match='not a gender_jax workdir'):
     evaluate.evaluate(str(tmp_path / 'none'), data_dir)

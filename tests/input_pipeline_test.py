@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from gender_jax import cli
 from gender_jax import config_lib
 from gender_jax import dataset
+from gender_jax import errors
 from gender_jax import input_pipeline
 from gender_jax import sharding
 from gender_jax import synthetic
@@ -116,7 +116,7 @@ def test_eval_steps_cap_and_unknown_split(data_dir):
       config, builder, sharding.make_mesh(), 'validation'))
   assert len(batches) == 1
   assert input_pipeline.num_examples(builder, 'train[:10]+validation') == 27
-  with pytest.raises(cli.UserError, match="'test' is not in the dataset"):
+  with pytest.raises(errors.UserError, match="'test' is not in the dataset"):
     input_pipeline.num_examples(builder, 'train+test')
 
 
@@ -204,3 +204,78 @@ def test_train_over_three_processes_disjoint_equal_steps(data_dir, monkeypatch):
     assert len(batches) == 6 and batches[0]['image'].shape[0] == 2
     seen += [img.tobytes() for b in batches for img in b['image']]
   assert len(set(seen)) == len(seen) == 36
+
+
+@pytest.fixture(scope='module')
+def two_sources_dir(tmp_path_factory):
+  """A dataset of two folder sources: 'big' (40 train) and 'small' (20)."""
+  from gender_jax import prepare_data  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('two_sources')
+  specs = []
+  for seed, (name, counts) in enumerate(
+      [('big', {'Train': (20, 20), 'Validation': (3, 3), 'Test': (2, 2)}),
+       ('small', {'Train': (10, 10), 'Validation': (2, 3), 'Test': (1, 2)})]):
+    raw = str(root / f'raw_{name}')
+    synthetic.make_raw_dataset(raw, counts=counts, seed=seed)
+    specs.append(f'{name}=folders:{raw}')
+  prepare_data.prepare_sources(specs, str(root / 'tfds'), image_size=(24, 20),
+                               num_workers=1, show_progress=False)
+  return str(root / 'tfds')
+
+
+def _image_set(builder, split):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return {ex['images'].tobytes()
+          for ex in tfds.as_numpy(builder.as_dataset(split))}
+
+
+def test_part_names_the_union_of_source_splits(two_sources_dir):
+  config = _config(two_sources_dir, repeat=1)
+  builder = dataset.load_builder(two_sources_dir)
+  assert dataset.resolve_split(builder, 'train') == 'train_big+train_small'
+  assert dataset.resolve_split(builder, 'test_small') == 'test_small'
+  assert input_pipeline.num_examples(builder, 'train') == 60
+  assert input_pipeline.num_examples(builder, 'validation') == 11
+  assert input_pipeline.train_steps_per_epoch(config, builder) == 60 // 8
+  batches = list(input_pipeline.eval_iterator(
+      config, builder, sharding.make_mesh(), 'test'))
+  assert sum(int(np.asarray(b['mask']).sum()) for b in batches) == 7
+  with pytest.raises(errors.UserError, match='slice its parts'):
+    dataset.resolve_split(builder, 'train[:10]')
+  with pytest.raises(errors.UserError, match="'nosuch' is not in the dataset"):
+    input_pipeline.num_examples(builder, 'nosuch')
+
+
+def test_source_weights_hold_over_many_batches(two_sources_dir):
+  builder = dataset.load_builder(two_sources_dir)
+  small = _image_set(builder, 'train_small')
+  big = _image_set(builder, 'train_big')
+  config = _config(two_sources_dir, source_weights='big:1,small:3',
+                   repeat=20, shuffle_buffer=16)
+  mesh = sharding.make_mesh()
+  steps = input_pipeline.train_steps_per_epoch(config, builder)
+  assert steps == 60 * 20 // 8           # The epoch length does not change.
+  images = [img.tobytes() for b in input_pipeline.train_iterator(
+      config, builder, mesh, epoch=0) for img in np.asarray(b['image'])]
+  from_small = sum(img in small for img in images)
+  assert from_small + sum(img in big for img in images) == len(images)
+  # 1,200 draws with p = 0.75: the standard deviation is 0.0125.
+  assert abs(from_small / len(images) - 0.75) < 0.04
+  resumed = [img.tobytes() for b in input_pipeline.train_iterator(
+      config, builder, mesh, epoch=0, start_step=steps - 3)
+             for img in np.asarray(b['image'])]
+  assert resumed == images[-3 * 8:]
+
+
+def test_source_weights_errors(two_sources_dir, data_dir):
+  builder = dataset.load_builder(two_sources_dir)
+  for weights, message in [('big:1', r"no weight for \['small'\]"),
+                           ('big:1,small:1,other:1', r"no source \['other'\]")]:
+    config = _config(two_sources_dir, source_weights=weights)
+    with pytest.raises(errors.UserError, match=message):
+      input_pipeline.train_source_weights(config, builder)
+  config = _config(data_dir, source_weights='folders:1')
+  with pytest.raises(errors.UserError, match='whole source splits'):
+    input_pipeline.train_source_weights(config, dataset.load_builder(data_dir))
+  with pytest.raises(config_lib.ConfigError, match='source_weights'):
+    config_lib.validate(_config(data_dir, source_weights='big=1'))

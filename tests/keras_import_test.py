@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from gender_jax import checkpointing
-from gender_jax import cli
 from gender_jax import config_lib
+from gender_jax import errors
 from gender_jax import keras_import
 from gender_jax import models
 
@@ -136,7 +136,7 @@ def test_import_writes_a_workdir(reference, tmp_path, suffix):
   stage2.image_size = SMALL
   restored, _ = checkpointing.restore_best(workdir, stage2)
   assert jax.tree.structure(restored) == jax.tree.structure(variables)
-  with pytest.raises(cli.UserError, match='already holds a run'):
+  with pytest.raises(errors.UserError, match='already holds a run'):
     keras_import.import_keras(path, workdir, _config())
 
 
@@ -216,7 +216,7 @@ def _avg_pool(i, layer):
 ])
 def test_refuses_other_architectures(reference, change, message):
   model = _modified(reference, change)
-  with pytest.raises(cli.UserError, match=message):
+  with pytest.raises(errors.UserError, match=message):
     variables, settings = keras_import.keras_variables(model)
     config = _config()
     config.image_size = SMALL
@@ -226,7 +226,7 @@ def test_refuses_other_architectures(reference, change, message):
 def test_refuses_variable_input_size():
   inputs = keras.Input((None, None, 3))
   model = keras.Model(inputs, keras.layers.Rescaling(1 / 255)(inputs))
-  with pytest.raises(cli.UserError, match='fixed height and width'):
+  with pytest.raises(errors.UserError, match='fixed height and width'):
     keras_import.image_size(model)
 
 

@@ -15,8 +15,8 @@ pytest.importorskip('onnxruntime')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from gender_jax import checkpointing
-from gender_jax import cli
 from gender_jax import config_lib
+from gender_jax import errors
 from gender_jax import label
 from gender_jax import models
 from gender_jax import onnx_export
@@ -134,7 +134,7 @@ def test_labeller_onnxruntime_equals_jax(tmp_path, make_workdir):
   with open(outputs['onnxruntime'] + '.args.json') as f:
     assert json.load(f)['runtime'] == 'onnxruntime'
   # A CSV is never continued with the other runtime.
-  with pytest.raises(cli.UserError, match="runtime: was None, now 'onnxrun"):
+  with pytest.raises(errors.UserError, match="runtime: was None, now 'onnxrun"):
     label.label_images(workdir, images, outputs['jax'], batch_size=8,
                        progress=False, runtime='onnxruntime')
 

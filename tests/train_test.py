@@ -233,7 +233,7 @@ def test_stage1_then_stage2(data_dir, tmp_path):
   assert 'train_loss' not in summary2['history'][0]
   assert summary2['best_val_accuracy'] == max(
       h['val_accuracy'] for h in summary2['history'])
-  with pytest.raises(train.cli.UserError, match='image_size'):
+  with pytest.raises(train.errors.UserError, match='image_size'):
     train.init_state(tiny_config(data_dir, 'stage2.py', init_from=w1,
                                  image_size=(32, 24)), None, mesh)
 
@@ -262,7 +262,7 @@ def test_user_errors_leave_the_workdir_alone(data_dir, tmp_path):
   trained workdir: refused up front, config.json unchanged. A live lock:
   refused, naming its holder."""
   workdir = str(tmp_path / 'w')
-  with pytest.raises(train.cli.UserError, match='lower config.batch_size'):
+  with pytest.raises(train.errors.UserError, match='lower config.batch_size'):
     train.train_and_evaluate(tiny_config(data_dir, batch_size=4096,
                                          steps_per_epoch=None), workdir)
   assert not os.path.exists(workdir)
@@ -270,7 +270,7 @@ def test_user_errors_leave_the_workdir_alone(data_dir, tmp_path):
   config_file = os.path.join(workdir, 'config.json')
   with open(config_file) as f:
     before = f.read()
-  with pytest.raises(train.cli.UserError, match=r"image_size=\(32, 24\) here"):
+  with pytest.raises(train.errors.UserError, match=r"image_size=\(32, 24\) here"):
     train.train_and_evaluate(tiny_config(data_dir, num_epochs=2,
                                          image_size=(32, 24)), workdir)
   with open(config_file) as f:

@@ -1,0 +1,66 @@
+"""Label conventions of the project and of the sources it reads (no TensorFlow).
+
+The project's labels are the original's: **female = 0, male = 1**, and the
+prediction is male when p(male) >= 0.5. Every other convention met in the
+wild is translated here, in one place:
+
+* folder names of a raw folder set (`SPLIT_ALIASES`, `CLASS_ALIASES`);
+* label values in CSV files: male|female|m|f|man|woman|1|0 (`parse_label`);
+* UTKFace file names, whose gender digit is 0 = male, 1 = female (`utkface_label`);
+* CelebA's `Male` attribute, +1 / -1 (`celeba_label`), and its evaluation
+  partition 0/1/2 = train/validation/test (`CELEBA_PARTITIONS`).
+"""
+
+from typing import Optional
+
+FEMALE, MALE = 0, 1
+CLASS_NAMES = ('female', 'male')     # Indexed by label.
+SPLITS = ('train', 'validation', 'test')
+
+SPLIT_ALIASES = {
+    'train': ('train', 'training'),
+    'validation': ('validation', 'valid', 'val'),
+    'test': ('test', 'testing'),
+}
+CLASS_ALIASES = {
+    'female': ('female', 'woman', 'women'),
+    'male': ('male', 'man', 'men'),
+}
+_LABEL_VALUES = {'0': FEMALE, '1': MALE, 'female': FEMALE, 'male': MALE,
+                 'f': FEMALE, 'm': MALE, 'woman': FEMALE, 'man': MALE}
+UTKFACE_GENDERS = {'0': MALE, '1': FEMALE}
+CELEBA_MALE = {'1': MALE, '-1': FEMALE}
+CELEBA_PARTITIONS = {'0': 'train', '1': 'validation', '2': 'test'}
+
+
+def match_alias(name: str, aliases: dict) -> Optional[str]:
+  """The canonical name whose aliases include `name` (any case), or None."""
+  for canonical, names in aliases.items():
+    if name.lower() in names:
+      return canonical
+  return None
+
+
+def parse_label(value: str) -> int:
+  """0/1, female/male, f/m, woman/man (any case) -> 0/1; ValueError otherwise."""
+  key = value.strip().lower()
+  if key not in _LABEL_VALUES:
+    raise ValueError(f'label {value!r}: expected male|female|1|0 (or m/f, '
+                     'man/woman)')
+  return _LABEL_VALUES[key]
+
+
+def utkface_label(gender_digit: str) -> int:
+  """UTKFace's gender field (0 = male, 1 = female) -> the project's label."""
+  if gender_digit not in UTKFACE_GENDERS:
+    raise ValueError(f'UTKFace gender {gender_digit!r}: expected 0 (male) or '
+                     '1 (female)')
+  return UTKFACE_GENDERS[gender_digit]
+
+
+def celeba_label(male_attribute: str) -> int:
+  """CelebA's `Male` attribute (1 / -1) -> the project's label."""
+  if male_attribute not in CELEBA_MALE:
+    raise ValueError(f'CelebA Male attribute {male_attribute!r}: expected 1 '
+                     'or -1')
+  return CELEBA_MALE[male_attribute]
