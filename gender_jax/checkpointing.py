@@ -19,13 +19,16 @@ coordinates multi-host writes); only host 0 writes plain files.
 
 import json
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
+from gender_jax import errors
 from gender_jax import models
 
 CONFIG_FILE = 'config.json'
@@ -63,19 +66,48 @@ class Checkpointer:
         force=True)
     self._latest.wait_until_finished()
 
-  def restore_latest(self, abstract_state: Any):
-    """Returns (state, loop) of the latest checkpoint, or None if there is none.
+  def restore_latest(self, abstract_state: Any,
+                     check: Optional[Callable[[dict], Any]] = None):
+    """Returns (state, loop) of the newest checkpoint that restores, or None
+    if there is none.
 
     ``abstract_state`` gives shapes, dtypes and shardings (``jax.eval_shape``
-    output with ``.sharding`` set, or a concrete state).
+    output with ``.sharding`` set, or a concrete state); ``check(loop)``
+    raises for loop bookkeeping that cannot be used. A newer step that fails
+    to restore (a truncated or damaged file, unreadable loop metadata) while
+    an older one restores is moved aside to ``<step>.corrupt-<time>`` with a
+    warning naming it and the reason: one lost step, not the run. When no
+    step restores nothing is moved and a UserError names the newest step and
+    its reason.
     """
-    step = self._latest.latest_step()
-    if step is None:
-      return None
-    restored = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        loop=ocp.args.JsonRestore()))
-    return restored['state'], restored['loop']
+    failed = []
+    for step in sorted(self._latest.all_steps(), reverse=True):
+      try:
+        restored = self._latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            loop=ocp.args.JsonRestore()))
+        if check is not None:
+          check(restored['loop'])
+      except Exception as e:  # pylint: disable=broad-except
+        # Any read error of orbax/tensorstore/JSON: try the next older step.
+        failed.append((step, error_line(e)))
+        continue
+      for bad_step, reason in failed:
+        moved = set_aside(self._latest.directory / str(bad_step))
+        logging.warning('Checkpoint %s could not be restored (%s): moved '
+                        'aside to %s; resuming from step %d.',
+                        self._latest.directory / str(bad_step), reason,
+                        moved, step)
+      if failed:
+        self._latest.reload()
+      return restored['state'], restored['loop']
+    if failed:
+      step, reason = failed[0]
+      raise errors.UserError(
+          f'no checkpoint in {self._latest.directory} can be restored '
+          f'(newest, step {step}: {reason}); move that folder aside to start '
+          'the run over.')
+    return None
 
   def save_best(self, step: int, variables: Any, meta: dict) -> None:
     self._write_config_once()
@@ -89,6 +121,24 @@ class Checkpointer:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def error_line(error: BaseException) -> str:
+  """An exception as one short line: its type and first line of text."""
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:300] if text else ""}'.rstrip(': ')
+
+
+def set_aside(path) -> str:
+  """Renames a damaged checkpoint folder to `<path>.corrupt-<time>` (host 0;
+  every process waits for it) and returns the new name."""
+  target = f'{path}.corrupt-{time.strftime("%Y%m%d-%H%M%S")}'
+  if jax.process_index() == 0:
+    os.rename(str(path), target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'set_aside {path}')
+  return target
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -147,9 +197,17 @@ def restore_best(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
       raise FileNotFoundError(
           f'No best checkpoint in {directory}: the run in {workdir!r} has not '
           'finished an epoch yet.')
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(abstract_variables(config, sharding)),
-        meta=ocp.args.JsonRestore()))
+    abstract = abstract_variables(config, sharding)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(abstract),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      # Any read error of orbax/tensorstore/JSON: the files are damaged.
+      raise errors.UserError(
+          f'the best model {os.path.join(directory, str(step))} cannot be '
+          f'read ({error_line(e)}); use the latest train state instead '
+          '(evaluate.py --checkpoint=latest) or retrain.') from e
   finally:
     manager.close()
   return restored['model'], restored['meta']

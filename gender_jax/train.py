@@ -15,6 +15,8 @@ The loop reproduces the original Keras `fit` recipe:
   (only that epoch's logged training averages cover just the resumed part).
 * After training, the best model is evaluated on the validation split and, if
   present, the test split; the summary goes to `<workdir>/results.json`.
+  With `config.calibrate`, a temperature for its p(male) is then fitted on
+  the validation split (`<workdir>/calibration.json`, `gender_jax.calibration`).
 
 Two additions to the Keras recipe, both config fields:
 * `precise_bn_batches` > 0 recomputes the BatchNorm statistics for the
@@ -59,6 +61,7 @@ import numpy as np
 import optax
 
 from gender_jax import augment
+from gender_jax import calibration
 from gender_jax import callbacks
 from gender_jax import checkpointing
 from gender_jax import config_lib
@@ -408,11 +411,13 @@ class _Run:
 
   def start(self):
     """(state, loop): resumed from the latest checkpoint, or fresh."""
+    lr = self.config.learning_rate
     restored = self.checkpointer.restore_latest(
-        abstract_state(self.config, self.model, self.mesh))
+        abstract_state(self.config, self.model, self.mesh),
+        check=lambda loop: LoopState.from_json(loop, lr))
     if restored is not None:
       state = restored[0]
-      loop = LoopState.from_json(restored[1], self.config.learning_rate)
+      loop = LoopState.from_json(restored[1], lr)
       logging.info('Resuming from %s at step %d (epoch %d, batch %d).',
                    self.workdir, int(state.step), loop.epoch + 1,
                    loop.epoch_step)
@@ -574,14 +579,22 @@ class _Run:
     }
 
   def run(self) -> Dict[str, Any]:
-    """The epoch loop; returns the summary of `final_evaluation`."""
+    """The epoch loop; returns the summary of `final_evaluation` (and the
+    calibration, with config.calibrate)."""
     state, loop = self.start()
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=self.config.num_epochs * self.steps_per_epoch,
         writer=self.writer)
     while loop.epoch < self.config.num_epochs and not loop.stopped_early:
       state = self.train_epoch(state, loop, [report_progress])
-    return self.final_evaluation(loop)
+    summary = self.final_evaluation(loop)
+    if self.config.calibrate:
+      summary['calibration'] = calibration.calibrate_workdir(
+          self.workdir, self.config.data_dir, self.config.eval_split,
+          mesh=self.mesh)
+      logging.info('Calibrated p(male): %s',
+                   calibration.describe(summary['calibration']))
+    return summary
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

@@ -68,3 +68,79 @@ def test_missing_workdir_and_best_are_clear_errors(tmp_path):
   checkpointing.write_config(workdir, _tiny_config())
   with pytest.raises(FileNotFoundError, match='has not finished an epoch'):
     checkpointing.restore_best(workdir)
+
+
+def _state(step):
+  config = _tiny_config()
+  model = models.create_model(config)
+  variables = models.init_variables(model, jax.random.key(step),
+                                    config.image_size)
+  return config, variables, {
+      'params': variables['params'], 'batch_stats': variables['batch_stats'],
+      'step': jnp.int32(step)}
+
+
+def damage(path: str, how: str = 'truncate') -> str:
+  """Truncates (to half) or empties file `path`, or the largest file under
+  folder `path`."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+  target = max(files, key=os.path.getsize) if files else path
+  size = os.path.getsize(target)
+  with open(target, 'r+b') as f:
+    f.truncate(size // 2 if how == 'truncate' else 0)
+  return target
+
+
+@pytest.mark.parametrize('part,how', [('state', 'truncate'),
+                                      ('loop/metadata', 'empty')])
+def test_damaged_latest_step_falls_back_to_the_one_before(tmp_path, part, how):
+  workdir = str(tmp_path / 'w')
+  config, _, older = _state(3)
+  _, _, newer = _state(5)
+  checkpointing.write_config(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.save_latest(3, older, {'epoch': 1})
+  ckpt.save_latest(5, newer, {'epoch': 2})
+  ckpt.close()
+  damage(os.path.join(workdir, 'checkpoints', '5', part), how)
+  ckpt = checkpointing.Checkpointer(workdir)
+  restored, loop = ckpt.restore_latest(jax.tree.map(jnp.zeros_like, older))
+  assert loop == {'epoch': 1} and _equal(restored, older)
+  assert ckpt.latest_step() == 3
+  ckpt.save_latest(4, older, {'epoch': 1})    # The run goes on from there.
+  ckpt.close()
+  names = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert names[:2] == ['3', '4'] and names[2].startswith('5.corrupt-')
+
+
+def test_bad_loop_state_and_nothing_restorable(tmp_path):
+  workdir = str(tmp_path / 'w')
+  config, _, state = _state(3)
+  checkpointing.write_config(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.save_latest(3, state, {'epoch': 'x'})
+
+  def check(loop):
+    if not isinstance(loop['epoch'], int):
+      raise TypeError('epoch is not an int')
+  with pytest.raises(checkpointing.errors.UserError,
+                     match=r'step 3: TypeError: epoch is not an int\); move'):
+    ckpt.restore_latest(state, check=check)
+  ckpt.close()
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['3']
+
+
+def test_damaged_best_model_is_one_line_naming_it(tmp_path):
+  workdir = str(tmp_path / 'w')
+  config, variables, _ = _state(3)
+  checkpointing.write_config(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.save_best(3, variables, {'epoch': 1})
+  ckpt.close()
+  damage(os.path.join(workdir, 'best', '3', 'model'))
+  with pytest.raises(checkpointing.errors.UserError) as error:
+    checkpointing.restore_best(workdir)
+  message = str(error.value)
+  assert '\n' not in message
+  assert os.path.join(workdir, 'best', '3') in message
+  assert '--checkpoint=latest' in message

@@ -11,12 +11,14 @@ from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
+from gender_jax import calibration
 from gender_jax import checkpointing
 from gender_jax import input_pipeline
 from gender_jax import models
 from gender_jax import sharding
 from gender_jax import synthetic
 from gender_jax import train
+from checkpointing_test import damage
 from conftest import tiny_train_config as tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -206,6 +208,10 @@ def test_stage1_then_stage2(data_dir, tmp_path):
   assert os.listdir(os.path.join(w1, 'best'))
   with open(os.path.join(w1, train.RESULTS_FILE)) as f:
     assert json.load(f)['best_epoch'] == summary['best_epoch']
+  # config.calibrate: the best model's temperature, fitted on validation.
+  assert summary['calibration']['step'] == summary['best_step']
+  assert calibration.read_temperature(w1, summary['best_step']) == (
+      summary['calibration']['temperature'])
   assert checkpointing.read_config(w1).model == 'tiny'
   # The best model is the one the early-stopping rule chose.
   accs = [h['val_accuracy'] for h in summary['history']]
@@ -349,6 +355,35 @@ def test_killed_run_resumes_at_the_right_step(data_dir, tmp_path,
                                                            mesh))[0])
     ckpt.close()
   for x, y in zip(_params(states[0].params), _params(states[1].params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_costs_one_step(data_dir, tmp_path,
+                                                  monkeypatch):
+  config = tiny_config(data_dir, checkpoint_every_steps=4)
+  full = str(tmp_path / 'full')
+  train.train_and_evaluate(config, full)
+  damaged = str(tmp_path / 'damaged')
+  _interrupt_after(monkeypatch, epoch_to_stop=1, batches=5)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, damaged)
+  monkeypatch.undo()
+  checkpoints = os.path.join(damaged, 'checkpoints')
+  assert sorted(os.listdir(checkpoints)) == ['6', '8']
+  damage(os.path.join(checkpoints, '8', 'state'))
+  resumed = train.train_and_evaluate(config, damaged)
+  assert [h['step'] for h in resumed['history']] == [6, 12]
+  assert glob.glob(os.path.join(checkpoints, '8.corrupt-*'))
+  mesh = sharding.make_mesh()
+  model = models.create_model(config)
+  params = []
+  for workdir in (full, damaged):
+    ckpt = checkpointing.Checkpointer(workdir)
+    params.append(ckpt.restore_latest(train.abstract_state(config, model,
+                                                           mesh))[0].params)
+    ckpt.close()
+  for x, y in zip(_params(params[0]), _params(params[1])):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
