@@ -14,6 +14,8 @@ loaded with `tfds.builder_from_directory`.
 
 import os
 
+from typing import List, Optional, Sequence
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -112,7 +114,61 @@ def load_builder(data_dir: str, name: str = NAME,
         '\nor wrap the original project\'s TFRecord shards with\n  python '
         'scripts/prepare_data.py --tfrecord_dir=<shards folder> '
         f'--data_dir={data_dir}')
-  return tfds.builder_from_directory(path)
+  try:
+    return tfds.builder_from_directory(path)
+  except Exception as e:  # pylint: disable=broad-except
+    # TFDS raises JSON, protobuf or KeyError for damaged metadata files.
+    raise DataError(
+        f'the dataset metadata in {path} cannot be read ({type(e).__name__}: '
+        f'{_first_line(e)}); remake the dataset with scripts/prepare_data.py '
+        '--overwrite.') from e
+
+
+class DataError(errors.UserError):
+  """A damaged dataset file; the message names it and how to remake it."""
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0][:300] if lines else ''
+
+
+def shard_problems(builder: tfds.core.DatasetBuilder,
+                   splits: Optional[Sequence[str]] = None) -> List[str]:
+  """Reads every record of the stored `splits` (default: all) and returns one
+  line per shard file that is unreadable, corrupt (TFRecord CRC) or holds
+  another number of records than the metadata says. [] when all are sound."""
+  problems = []
+  for split in splits or sorted(builder.info.splits):
+    info = builder.info.splits[split]
+    for name, expected in zip(info.filenames, info.shard_lengths):
+      path = os.path.join(builder.data_dir, name)
+      count = 0
+      try:
+        for _ in tf.data.TFRecordDataset(path):
+          count += 1
+      except tf.errors.OpError as e:
+        problems.append(f'{path}: {type(e).__name__} after {count} records '
+                        f'({_first_line(e.message)})')
+        continue
+      if count != expected:
+        problems.append(f'{path}: {count} records, the metadata says '
+                        f'{expected}')
+  return problems
+
+
+def damage_error(builder: tfds.core.DatasetBuilder, split: str,
+                 error: BaseException) -> DataError:
+  """The DataError for `error` met while reading `split`: names the damaged
+  shard files (found by `shard_problems`) and the fix."""
+  stored = [s.split('[')[0].strip() for s in split.split('+')]
+  problems = shard_problems(builder, stored)
+  where = ('; '.join(problems) if problems else
+           f'{type(error).__name__}: {_first_line(error)}')
+  return DataError(
+      f'reading split {split!r} of {builder.data_dir} failed: {where}. Remake '
+      'the dataset with scripts/prepare_data.py --overwrite (check every '
+      'shard with scripts/prepare_data.py --verify --data_dir=...).')
 
 
 def source_splits(builder: tfds.core.DatasetBuilder, part: str) -> list:

@@ -214,8 +214,24 @@ def _device_prefetch(iterator, size: int):
     yield queue.popleft()
 
 
-def _to_global(ds, mesh, prefetch: int):
-  batches = (sharding.to_global(b, mesh) for b in tfds.as_numpy(ds))
+def _numpy_batches(ds, builder, split: str):
+  """`tfds.as_numpy(ds)`; a read error (a truncated or corrupt shard) becomes
+  a `dataset.DataError` naming the damaged shard files."""
+  iterator = iter(tfds.as_numpy(ds))
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      raise dataset.damage_error(
+          builder, dataset.resolve_split(builder, split), e) from e
+    yield batch
+
+
+def _to_global(ds, mesh, prefetch: int, builder, split: str):
+  batches = (sharding.to_global(b, mesh)
+             for b in _numpy_batches(ds, builder, split))
   return _device_prefetch(batches, prefetch)
 
 
@@ -226,7 +242,7 @@ def train_iterator(config, builder, mesh, epoch: int, start_step: int = 0):
   jax.Arrays sharded over mesh axis 'data'; B = config.batch_size.
   """
   return _to_global(train_dataset(config, builder, epoch, start_step), mesh,
-                    config.prefetch)
+                    config.prefetch, builder, config.train_split)
 
 
 def eval_iterator(config, builder, mesh, split: str):
@@ -236,4 +252,4 @@ def eval_iterator(config, builder, mesh, split: str):
   config.eval_steps cap.
   """
   return _to_global(eval_dataset(config, builder, split), mesh,
-                    config.prefetch)
+                    config.prefetch, builder, split)

@@ -373,6 +373,24 @@ def _describe_sources(sources, counts: Dict[str, dict]) -> dict:
   return out
 
 
+def verify(data_dir: str) -> str:
+  """Reads every record of the dataset in `data_dir` and counts it against
+  the metadata; returns a one-line summary, or raises `dataset.DataError`
+  naming every damaged shard."""
+  builder = dataset.load_builder(data_dir)
+  problems = dataset.shard_problems(builder)
+  if problems:
+    raise dataset.DataError(
+        f'{len(problems)} damaged shard(s) in {builder.data_dir}: '
+        + '; '.join(problems) + '. Remake the dataset with '
+        'scripts/prepare_data.py --overwrite.')
+  splits = builder.info.splits
+  return (f'{builder.data_dir}: every record of {len(splits)} split(s) '
+          f'reads, {sum(len(s.filenames) for s in splits.values())} shards, '
+          f'{sum(s.num_examples for s in splits.values())} examples as the '
+          'metadata says.')
+
+
 # ------------------------------------------------------- original TFRecords
 
 

@@ -22,6 +22,10 @@ linked (or --copy'd) without re-encoding:
   python scripts/prepare_data.py --tfrecord_dir=/path/tfrecords \
       --data_dir=/path/tfds [--copy] [--overwrite]
 
+Checking a dataset (every record read and counted against the metadata):
+
+  python scripts/prepare_data.py --verify --data_dir=/path/tfds
+
 The dataset lands in <data_dir>/gender_faces/1.0.0; train with
 --config.data_dir=<data_dir>. The summary (counts, skipped files and why) is
 printed on stdout; progress and warnings go to stderr. A mistake in the
@@ -74,14 +78,20 @@ _NUM_WORKERS = flags.DEFINE_integer(
     lower_bound=1)
 _COPY = flags.DEFINE_bool('copy', False,
                           'With --tfrecord_dir: copy shards, not symlink.')
+_VERIFY = flags.DEFINE_bool(
+    'verify', False, 'Only check the dataset in --data_dir: read every '
+    'record and count it against the metadata.')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Replace an existing dataset (atomically).')
 
 
 def main(argv):
-  with cli.user_errors(argv[0], FileExistsError):
+  with cli.user_errors(argv[0], FileExistsError, FileNotFoundError):
     if len(argv) > 1:
       raise cli.UserError(f'unexpected arguments: {argv[1:]}')
+    if _VERIFY.value:
+      print(prepare_data.verify(_DATA_DIR.value))
+      return
     specs = list(_SOURCES.value)
     if _RAW_DIR.value:
       specs.insert(0, f'folders:{_RAW_DIR.value}')

@@ -61,3 +61,49 @@ def test_fresh_process_loads_with_tfds_only(tmp_path):
                        text=True, check=True, cwd=str(tmp_path),
                        env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2'})
   assert out.stdout.split('\n')[:2] == ['5 3 (24, 20, 3)', '5']
+
+
+@pytest.fixture(name='damaged_copy')
+def _damaged_copy(tmp_path):
+  """A fresh small dataset whose first train shard the test may damage."""
+  synthetic.make_tfds_dataset(str(tmp_path), image_size=(24, 20))
+  folder = dataset.dataset_dir(str(tmp_path))
+  shard = os.path.join(folder, sorted(
+      n for n in os.listdir(folder) if '-train.' in n)[0])
+  return str(tmp_path), shard
+
+
+@pytest.mark.parametrize('how', ['truncate', 'flip'])
+def test_damaged_shard_is_named(damaged_copy, how):
+  from gender_jax import config_lib, input_pipeline, sharding  # pylint: disable=g-import-not-at-top
+  data_dir, shard = damaged_copy
+  size = os.path.getsize(shard)
+  with open(shard, 'r+b') as f:
+    if how == 'truncate':
+      f.truncate(size // 2 + 7)
+    else:
+      f.seek(size // 2)
+      byte = f.read(1)
+      f.seek(size // 2)
+      f.write(bytes([byte[0] ^ 0xFF]))
+  builder = dataset.load_builder(data_dir)
+  problems = dataset.shard_problems(builder)
+  assert len(problems) == 1 and problems[0].startswith(shard + ':')
+  config = config_lib.load_sibling(
+      os.path.join(os.path.dirname(__file__), os.pardir, 'configs', 'x'),
+      'default.py')
+  config.update(data_dir=data_dir, image_size=(24, 20), batch_size=8,
+                eval_batch_size=8)
+  with pytest.raises(dataset.DataError) as error:
+    list(input_pipeline.eval_iterator(config, builder, sharding.make_mesh(),
+                                      'train'))
+  assert shard in str(error.value) and '--overwrite' in str(error.value)
+
+
+def test_garbage_metadata_is_a_data_error(damaged_copy):
+  data_dir, _ = damaged_copy
+  info = os.path.join(dataset.dataset_dir(data_dir), 'dataset_info.json')
+  with open(info, 'w') as f:
+    f.write('{not json')
+  with pytest.raises(dataset.DataError, match='dataset_info|metadata'):
+    dataset.load_builder(data_dir)
