@@ -70,10 +70,18 @@ def parse_flags(argv):
   """absl `app.run` flags parser for the scripts: a bad or missing flag, or an
   unknown `--config.<key>` (ml_collections raises a bare AttributeError whose
   text quotes the key and may suggest a near name), is one line on stderr and
-  exit status 2."""
+  exit status 2. So is a `--config` file that cannot be read (ml_collections
+  defers that error to the first use of the flag)."""
   program = os.path.basename(argv[0])
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+      _ = flags.FLAGS.config.get     # Raises the deferred load error.
+    return argv
+  except OSError as e:
+    reason = re.search(r'\[Errno \d+\] .*', str(e))
+    fail(program, f'cannot load {flags.FLAGS["config"].serialize()}'
+         f'{": " + reason.group(0) if reason else ""}.')
   except flags.Error as e:
     fail(program, f'{str(e).rstrip(".")}. Run with --helpfull to list the '
          'flags.')

@@ -60,3 +60,10 @@ def test_bad_overrides_fail_naming_the_key(arg, needle):
   assert needle in bad.stderr
   assert 'Traceback' not in bad.stderr
   assert '\\' not in bad.stderr   # No doubly quoted text.
+
+
+def test_missing_config_file_is_one_line():
+  bad = _run_flags(f'--config={CONFIGS}/nosuch.py')
+  assert bad.returncode == 2
+  assert bad.stderr.count('\n') == 1 and 'Traceback' not in bad.stderr
+  assert f'cannot load --config={CONFIGS}/nosuch.py: [Errno 2]' in bad.stderr
