@@ -35,6 +35,7 @@ at labelling time are converted and resized exactly like the training images:
 
 import concurrent.futures
 import csv
+import math
 import os
 import stat
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -130,7 +131,8 @@ def frame(image: Image.Image, image_size: Sequence[int],
       top = (h - new_h) // 2
       image = image.crop((0, top, w, top + new_h))
   elif resize == 'pad' and w * height != h * width:
-    new_w, new_h = max(w, round(h * width / height)), max(h, round(w * height / width))
+    new_w = max(w, round(h * width / height))
+    new_h = max(h, round(w * height / width))
     canvas = Image.new('RGB', (new_w, new_h))
     canvas.paste(image, ((new_w - w) // 2, (new_h - h) // 2))
     image = canvas
@@ -180,7 +182,8 @@ def read_boxes(path: str) -> Dict[str, Tuple[float, float, float, float]]:
   ValueError names the line of a bad row.
   """
   boxes = {}
-  with open(path, newline='', encoding='utf-8', errors='surrogateescape') as f:
+  with open(path, newline='', encoding='utf-8-sig',
+            errors='surrogateescape') as f:
     for n, row in enumerate(csv.reader(f), 1):
       if not row or not ''.join(row).strip():
         continue
@@ -189,11 +192,12 @@ def read_boxes(path: str) -> Dict[str, Tuple[float, float, float, float]]:
           raise ValueError('expected path,x,y,w,h')
         values = tuple(float(v) for v in row[1:])
       except ValueError as e:
-        if n == 1:
+        if n == 1 and len(row) == 5:
           continue                           # A header.
         raise ValueError(f'{path}, line {n}: {e}') from None
-      if values[2] <= 0 or values[3] <= 0:
-        raise ValueError(f'{path}, line {n}: width and height must be > 0')
+      if not all(map(math.isfinite, values)) or min(values[2:]) <= 0:
+        raise ValueError(f'{path}, line {n}: x and y must be numbers, width '
+                         'and height numbers > 0')
       boxes[_box_key(row[0])] = values
   if not boxes:
     raise ValueError(f'{path}: no face boxes (rows path,x,y,w,h).')
@@ -267,17 +271,21 @@ def list_images(root: str,
 
 
 def load_images(paths: Sequence[str], image_size: Sequence[int],
-                num_workers: int = 4):
+                num_workers: int = 4, resize: str = 'stretch',
+                boxes: Optional[Sequence[Optional[Sequence[float]]]] = None,
+                box_margin: float = 0.0):
   """Decodes files in a thread pool (PIL releases the GIL while decoding).
 
-  Returns (images, errors): uint8 (N, H, W, 3) with zeros for unreadable
-  files, and {index: reason} for those files.
+  `resize`, `boxes` (one face box or None per path) and `box_margin` frame
+  each image as `decode` does. Returns (images, errors): uint8 (N, H, W, 3)
+  with zeros for unreadable files, and {index: reason} for those files.
   """
   images = np.zeros((len(paths), *image_size, 3), np.uint8)
   errors = {}
 
   def load(i):
-    image, reason = decode(paths[i], image_size)
+    image, reason = decode(paths[i], image_size, resize,
+                           boxes[i] if boxes is not None else None, box_margin)
     if image is None:
       errors[i] = reason
     else:

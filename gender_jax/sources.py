@@ -280,12 +280,13 @@ def _read_utkface(path: str):
 
 
 def _find_file(root: str, name: str, subdirs: Sequence[str]) -> str:
-  for sub in ('',) + tuple(subdirs):
+  subdirs = ('',) + tuple(subdirs)
+  for sub in subdirs:
     candidate = os.path.join(root, sub, name)
     if os.path.exists(candidate):
       return candidate
   raise LayoutError(
-      f'{root}: no {name} (looked in {", ".join(s or "." for s in ("",) + tuple(subdirs))}); '
+      f'{root}: no {name} (looked in {", ".join(s or "." for s in subdirs)}); '
       "--source=celeba:PATH takes CelebA's release folder with "
       'img_align_celeba/, list_attr_celeba.txt and list_eval_partition.txt.')
 
@@ -307,6 +308,9 @@ def _whitespace_table(path: str) -> List[Tuple[int, List[str]]]:
 
 
 def _read_celeba(path: str):
+  if not os.path.isdir(path):
+    raise LayoutError(f'{path} is not a folder: --source=celeba:PATH takes '
+                      "CelebA's release folder.")
   images = _find_file(path, 'img_align_celeba', ('Img',))
   attrs = _find_file(path, 'list_attr_celeba.txt', ('Anno',))
   partition = _find_file(path, 'list_eval_partition.txt', ('Eval', 'Anno'))

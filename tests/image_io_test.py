@@ -197,3 +197,125 @@ def test_load_images_marks_failures(face, tmp_path):
   np.testing.assert_array_equal(images[0], rgb)
   assert not images[1].any() and list(errors) == [1]
   assert errors[1].startswith(('OSError', 'UnidentifiedImageError'))
+
+
+# ---------------------------------------------------------------- framing --
+
+
+def _columns(height, width):
+  """RGB image whose red channel is the column index (and green the row)."""
+  cols, rows = np.meshgrid(np.arange(width), np.arange(height))
+  return Image.fromarray(np.dstack([cols, rows, np.full_like(cols, 200)])
+                         .astype(np.uint8))
+
+
+@pytest.mark.parametrize('resize', image_io.RESIZE_MODES)
+@pytest.mark.parametrize('shape', [(24, 80), (90, 20), (48, 40), (12, 10)])
+def test_frame_gives_model_size_in_every_mode(resize, shape):
+  image = _columns(*shape)
+  got = image_io.frame(image, (24, 20), resize)
+  assert got.size == (20, 24) and got.mode == 'RGB'
+  if shape[0] * 20 == shape[1] * 24:   # Already the model's aspect: no change.
+    assert got.tobytes() == image_io.frame(image, (24, 20)).tobytes()
+
+
+def test_frame_crop_keeps_the_centre():
+  wide = np.asarray(image_io.frame(_columns(24, 80), (24, 20), 'crop'))
+  np.testing.assert_array_equal(wide[..., 0], np.tile(np.arange(30, 50),
+                                                      (24, 1)))
+  tall = np.asarray(image_io.frame(_columns(60, 20), (24, 20), 'crop'))
+  np.testing.assert_array_equal(
+      tall[..., 1], np.tile(np.arange(18, 42)[:, None], (1, 20)))
+  stretched = np.asarray(image_io.frame(_columns(24, 80), (24, 20)))
+  assert stretched[..., 0].min() < 5 and stretched[..., 0].max() > 74
+
+
+def test_frame_pad_centres_the_whole_image_on_black():
+  # 10 wide x 48 tall -> padded to 40 x 48 (aspect 20:24), then halved.
+  got = np.asarray(image_io.frame(Image.new('RGB', (10, 48), (255, 255, 255)),
+                                  (24, 20), 'pad'))
+  assert not got[:, :7].any() and not got[:, 13:].any()
+  assert (got[:, 8:12] == 255).all()
+  wide = np.asarray(image_io.frame(Image.new('RGB', (80, 24), (9, 9, 9)),
+                                   (24, 20), 'pad'))
+  assert not wide[:8].any() and not wide[16:].any()   # Content: rows 9-15.
+  assert (wide[10:14] == 9).all()
+
+
+def test_frame_rejects_unknown_mode():
+  with pytest.raises(ValueError, match="resize='fit'"):
+    image_io.frame(_columns(4, 4), (4, 4), 'fit')
+
+
+def test_box_region_margin_and_clipping():
+  assert image_io.box_region((10, 20, 30, 40), 0.1, (100, 100)) == (
+      7, 16, 43, 64)
+  assert image_io.box_region((10, 20, 30, 40), 0.0, (100, 100)) == (
+      10, 20, 40, 60)
+  assert image_io.box_region((-5, 90, 20, 20), 0.5, (100, 100)) == (
+      0, 80, 25, 100)
+  with pytest.raises(ValueError, match='outside the 100x100 image'):
+    image_io.box_region((200, 20, 10, 10), 0.2, (100, 100))
+  with pytest.raises(ValueError, match='must be > 0'):
+    image_io.box_region((1, 2, 0, 5), 0.0, (100, 100))
+
+
+def test_frame_with_box_cuts_out_the_face(tmp_path):
+  pixels = np.zeros((100, 120, 3), np.uint8)
+  pixels[30:70, 40:70] = 255                     # The "face": 30 wide, 40 tall.
+  path = str(tmp_path / 'photo.png')
+  Image.fromarray(pixels).save(path)
+  face, reason = image_io.decode(path, (24, 18), 'stretch', (40, 30, 30, 40))
+  assert reason == '' and (face == 255).all()
+  loose, _ = image_io.decode(path, (24, 18), 'crop', (40, 30, 30, 40), 0.5)
+  assert (loose[12, 9] == 255).all() and not loose[0, 0].any()
+  _, reason = image_io.decode(path, (24, 18), 'crop', (500, 30, 30, 40))
+  assert reason.startswith('ValueError: face box') and 'outside' in reason
+
+
+def test_read_boxes_vggface2_csv_and_find_box(tmp_path):
+  path = tmp_path / 'loose_bb_test.csv'
+  path.write_text('"NAME_ID","X","Y","W","H"\n'
+                  '"n000001/0001_01",60,64,79,109\n'
+                  'n000001/0002_01,-3,7.5,102,144\n'
+                  '\n'
+                  './other/a.b.jpg,1,2,3,4\n')
+  boxes = image_io.read_boxes(str(path))
+  assert len(boxes) == 3
+  assert image_io.find_box(boxes, 'n000001/0001_01.jpg') == (60, 64, 79, 109)
+  assert image_io.find_box(boxes, 'n000001/0001_01') == (60, 64, 79, 109)
+  assert image_io.find_box(boxes, 'n000001/0002_01.png') == (-3, 7.5, 102,
+                                                              144)
+  assert image_io.find_box(boxes, 'other/a.b.png') == (1, 2, 3, 4)
+  assert image_io.find_box(boxes, 'n000001/0003_01.jpg') is None
+  assert image_io.find_box(None, 'n000001/0001_01.jpg') is None
+
+
+@pytest.mark.parametrize('text,words', [
+    ('NAME_ID,X,Y,W,H\na,1,2,3,4\nb,1,2,x,4\n', ['line 3', 'x']),
+    ('NAME_ID,X,Y,W,H\na,1,2,3,4\n\nb,1,2,0,4\n', ['line 4', '> 0']),
+    ('a,1,2,3\nb,1,2,3,4\n', ['line 1', 'expected path,x,y,w,h']),
+    ('a,1,2,nan,4\n', ['line 1']),
+    ('NAME_ID,X,Y,W,H\n', ['no face boxes']),
+])
+def test_read_boxes_bad_rows_name_the_line(tmp_path, text, words):
+  path = tmp_path / 'boxes.csv'
+  path.write_text(text)
+  with pytest.raises(ValueError) as error:
+    image_io.read_boxes(str(path))
+  assert str(path) in str(error.value) and '\n' not in str(error.value)
+  for word in words:
+    assert word in str(error.value)
+
+
+def test_load_images_frames_like_decode(tmp_path):
+  path = str(tmp_path / 'wide.png')
+  _columns(24, 80).save(path)
+  boxes = [None, (10, 0, 40, 24)]
+  images, errors = image_io.load_images([path, path], (24, 20), 1, 'crop',
+                                        boxes, 0.1)
+  assert not errors
+  for image, box in zip(images, boxes):
+    np.testing.assert_array_equal(
+        image, image_io.decode(path, (24, 20), 'crop', box, 0.1)[0])
+  assert not np.array_equal(images[0], images[1])

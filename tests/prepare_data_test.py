@@ -1,4 +1,5 @@
-"""Tests for gender_jax.prepare_data: raw folders and original shards -> TFDS."""
+"""Tests for gender_jax.prepare_data: labelled sources and original shards ->
+TFDS."""
 
 import collections
 import logging
@@ -17,7 +18,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from gender_jax import dataset
+from gender_jax import errors
+from gender_jax import image_io
+from gender_jax import labels as labels_lib
 from gender_jax import prepare_data
+from gender_jax import sources
 from gender_jax import synthetic
 
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, 'scripts',
@@ -299,7 +304,7 @@ def test_script_wraps_shards_and_rejects_two_sources(tmp_path):
   out = _run_script(f'--data_dir={tmp_path / "out"}',
                     f'--tfrecord_dir={tmp_path / "orig"}',
                     f'--raw_dir={tmp_path}')
-  _assert_user_error(out, 'exactly one of --raw_dir or --tfrecord_dir')
+  _assert_user_error(out, '--raw_dir or --source', '--tfrecord_dir alone')
 
 
 @pytest.mark.slow
@@ -399,9 +404,9 @@ from gender_jax import prepare_data
 _decode = image_io.decode
 
 
-def slow_decode(path, image_size):   # Also in the spawned workers.
+def slow_decode(*args):   # Also in the spawned workers.
   time.sleep(0.5)
-  return _decode(path, image_size)
+  return _decode(*args)
 
 
 image_io.decode = slow_decode
@@ -485,3 +490,198 @@ def test_stale_old_dataset_is_restored_when_the_new_one_is_missing(tmp_path):
     prepare_data.prepare_raw(root, out, image_size=SIZE, num_workers=1)
   assert sorted(os.listdir(os.path.dirname(final))) == ['1.0.0']
   assert dataset.load_builder(out).info.splits['train'].num_examples == 4
+
+
+# ------------------------------------------------------ several sources --
+
+FRACTIONS = {'val_fraction': 0.25, 'test_fraction': 0.25}
+FOLDER_COUNTS = {'Train': (3, 2), 'Validation': (1, 2), 'Test': (2, 1)}
+
+
+@pytest.fixture(scope='module')
+def utkface_dir(tmp_path_factory):
+  """UTKFace-named JPEGs, 2 of each gender in each hash split, and one
+  malformed name; returns (folder, {path: (label, split)})."""
+  folder = str(tmp_path_factory.mktemp('utkface'))
+  rng = np.random.default_rng(7)
+  want = collections.Counter({(s, y): 2 for s in labels_lib.SPLITS
+                              for y in (0, 1)})
+  files, i = {}, 0
+  while +want:
+    male = i % 2 == 0
+    path = os.path.join(folder, f'{i % 90 + 1}_{0 if male else 1}_{i % 5}_'
+                        f'20170101{i:09d}.jpg.chip.jpg')
+    Image.fromarray(synthetic.face_image(rng, male, (30, 26))).save(
+        path, quality=90)
+    split = sources.hash_split(sources.file_digest(path), **FRACTIONS)
+    if want[split, int(male)] > 0:
+      want[split, int(male)] -= 1
+      files[path] = (int(male), split)
+    else:
+      os.remove(path)
+    i += 1
+  shutil.copyfile(next(iter(files)), os.path.join(folder, 'unnamed.jpg'))
+  return folder, files
+
+
+@pytest.fixture(scope='module')
+def two_sources(utkface_dir, tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('folders'))
+  synthetic.make_raw_dataset(root, FOLDER_COUNTS, seed=4)
+  out = str(tmp_path_factory.mktemp('out2'))
+  result = prepare_data.prepare_sources(
+      [f'folders:{root}', f'utkface:{utkface_dir[0]}'], out, SIZE,
+      num_workers=1, show_progress=False, **FRACTIONS)
+  return root, out, result
+
+
+def test_two_sources_give_a_split_per_source_and_part(two_sources):
+  root, out, result = two_sources
+  folder_counts = {f'{part}_folders': {'female': f, 'male': m} for part, (f, m)
+                   in zip(labels_lib.SPLITS, FOLDER_COUNTS.values())}
+  assert result.counts == {
+      **folder_counts, **{f'{part}_utkface': {'female': 2, 'male': 2}
+                          for part in labels_lib.SPLITS}}
+  assert list(result.counts) == [f'{part}_{name}' for part in labels_lib.SPLITS
+                                 for name in ('folders', 'utkface')]
+  (path, reason), = result.skipped
+  assert os.path.basename(path) == 'unnamed.jpg'
+  assert reason.startswith('not a UTKFace name')
+  builder = dataset.load_builder(out)
+  for split, by_class in result.counts.items():
+    assert builder.info.splits[split].num_examples == sum(by_class.values())
+  summary = result.summary()
+  assert 'train_utkface: 4 examples (female 2, male 2)' in summary
+  assert (f'source folders (folders {root}): train 5, validation 3, test 3'
+          in summary)
+  assert 'source utkface (utkface ' in summary
+  assert 'train 4, validation 4, test 4' in summary
+
+
+def test_two_sources_metadata_records_sources_and_framing(two_sources,
+                                                          utkface_dir):
+  root, out, _ = two_sources
+  meta = dataset.metadata(dataset.load_builder(out))
+  assert meta['sources'] == {
+      'folders': {'kind': 'folders', 'path': root, 'counts': {
+          part: {'female': f, 'male': m}
+          for part, (f, m) in zip(labels_lib.SPLITS, FOLDER_COUNTS.values())}},
+      'utkface': {'kind': 'utkface', 'path': utkface_dir[0], 'counts': {
+          part: {'female': 2, 'male': 2} for part in labels_lib.SPLITS}}}
+  assert (meta['resize'], meta['box_margin'], meta['boxes']) == (
+      'stretch', 0.0, None)
+  assert (meta['val_fraction'], meta['test_fraction']) == (0.25, 0.25)
+
+
+def test_part_names_the_union_and_source_test_split_is_its_own(
+    two_sources, utkface_dir):
+  _, out, _ = two_sources
+  builder = dataset.load_builder(out)
+  assert dataset.resolve_split(builder, 'train') == (
+      'train_folders+train_utkface')
+  assert dataset.resolve_split(builder, 'test_utkface') == 'test_utkface'
+  assert len(_load(out + '/gender_faces/1.0.0',
+                   dataset.resolve_split(builder, 'train'))) == 5 + 4
+  with pytest.raises(errors.UserError, match="split 'holdout'"):
+    dataset.resolve_split(builder, 'holdout')
+  tests = {p: y for p, (y, s) in utkface_dir[1].items() if s == 'test'}
+  expected = {image_io.decode(p, SIZE)[0].tobytes(): y
+              for p, y in tests.items()}
+  got = {ex['images'].tobytes(): int(ex['label'])
+         for ex in _load(out + '/gender_faces/1.0.0', 'test_utkface')}
+  assert got == expected
+
+
+def _photos(folder, rng, n=6):
+  """n non-square PNGs (40 wide, 60 tall) in `folder`; returns their names."""
+  os.makedirs(folder)
+  names = []
+  for i in range(n):
+    names.append(f'p{i}.png')
+    Image.fromarray(rng.integers(0, 255, (60, 40, 3), np.uint8)).save(
+        os.path.join(folder, names[-1]))
+  return names
+
+
+def test_csv_source_with_boxes_and_crop_frames_like_decode(tmp_path):
+  names = _photos(str(tmp_path / 'img'), np.random.default_rng(2))
+  listing = tmp_path / 'list.csv'
+  listing.write_text('path,label,split\n' + ''.join(
+      f'img/{n},{("male", "female")[i % 2]},'
+      f'{("train", "train", "validation", "validation", "test", "test")[i]}\n'
+      for i, n in enumerate(names)))
+  boxes = tmp_path / 'boxes.csv'
+  boxes.write_text('NAME_ID,X,Y,W,H\nimg/p0,5,8,20,30\nimg/p3,10,20,16,16\n')
+  result = prepare_data.prepare_sources(
+      [f'csv:{listing}'], str(tmp_path / 'out'), SIZE, resize='crop',
+      boxes=str(boxes), box_margin=0.1, num_workers=1, show_progress=False)
+  assert result.counts['train'] == {'female': 1, 'male': 1}
+  table = image_io.read_boxes(str(boxes))
+  for split, chosen in (('train', names[:2]), ('validation', names[2:4])):
+    want = sorted(image_io.decode(str(tmp_path / 'img' / n), SIZE, 'crop',
+                                  image_io.find_box(table, f'img/{n}'),
+                                  0.1)[0].tobytes() for n in chosen)
+    got = sorted(ex['images'].tobytes()
+                 for ex in _load(result.output_dir, split))
+    assert got == want
+  plain = image_io.decode(str(tmp_path / 'img' / names[0]), SIZE, 'crop')[0]
+  assert plain.tobytes() not in got + want
+  meta = dataset.metadata(dataset.load_builder(str(tmp_path / 'out')))
+  assert (meta['resize'], meta['box_margin'], meta['boxes']) == (
+      'crop', 0.1, str(boxes))
+
+
+@pytest.mark.parametrize('case', ['resize', 'margin', 'boxes', 'spec'])
+def test_bad_framing_or_spec_is_one_line_error(tmp_path, case):
+  root = str(tmp_path / 'raw')
+  synthetic.make_raw_dataset(root, {'Train': (1, 1), 'Validation': (1, 1)})
+  boxes = tmp_path / 'boxes.csv'
+  boxes.write_text('NAME_ID,X,Y,W,H\nTrain/Male/00000,1,2,-3,4\n')
+  kwargs = {'resize': {'resize': 'fit'}, 'margin': {'box_margin': -0.5},
+            'boxes': {'boxes': str(boxes)}, 'spec': {}}[case]
+  specs = ['folders' + root] if case == 'spec' else [f'folders:{root}']
+  words = {'resize': ["--resize='fit'", 'stretch|crop|pad'],
+           'margin': ['--box_margin=-0.5'],
+           'boxes': ['--boxes', str(boxes), 'line 2'],
+           'spec': ['KIND:PATH']}[case]
+  with pytest.raises(prepare_data.LayoutError) as error:
+    prepare_data.prepare_sources(specs, str(tmp_path / 'out'), SIZE,
+                                 num_workers=1, **kwargs)
+  assert '\n' not in str(error.value)
+  for word in words:
+    assert word in str(error.value), (word, str(error.value))
+  assert not os.path.exists(str(tmp_path / 'out' / 'gender_faces' / '1.0.0'))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_script_takes_several_sources(tmp_path, utkface_dir):
+  root = str(tmp_path / 'raw')
+  synthetic.make_raw_dataset(root, {'Train': (2, 2), 'Validation': (1, 1)})
+  flags = [f'--source=folders:{root}', f'--source=utk=utkface:{utkface_dir[0]}',
+           f'--data_dir={tmp_path / "out"}', '--image_height=24',
+           '--image_width=20', '--num_workers=1', '--val_fraction=0.25',
+           '--test_fraction=0.25', '--resize=pad']
+  out = _run_script(*flags)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'train_utk: 4 examples (female 2, male 2)' in out.stdout
+  assert 'test_utk: 4 examples' in out.stdout
+  assert 'source folders (folders ' in out.stdout
+  assert 'source utk (utkface ' in out.stdout
+  meta = dataset.metadata(dataset.load_builder(str(tmp_path / 'out')))
+  assert meta['resize'] == 'pad' and set(meta['sources']) == {'folders', 'utk'}
+  _assert_user_error(_run_script(f'--source=imdb:{root}',
+                                 f'--data_dir={tmp_path / "out2"}'),
+                     "'imdb:", 'KIND:PATH')
+
+
+def test_verify_reads_every_record(tmp_path):
+  synthetic.make_tfds_dataset(str(tmp_path), image_size=(24, 20))
+  assert 'as the metadata says' in prepare_data.verify(str(tmp_path))
+  folder = dataset.dataset_dir(str(tmp_path))
+  shard = os.path.join(folder, sorted(
+      n for n in os.listdir(folder) if '-validation.' in n)[0])
+  with open(shard, 'r+b') as f:
+    f.truncate(os.path.getsize(shard) - 5)
+  with pytest.raises(dataset.DataError, match=f'1 damaged shard.*{shard}'):
+    prepare_data.verify(str(tmp_path))
