@@ -29,6 +29,7 @@ from absl import logging
 from etils import epath
 
 from gender_jax import errors
+from gender_jax import fileio
 from gender_jax import models
 
 CONFIG_FILE = 'config.json'
@@ -145,10 +146,8 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json into the workdir atomically (host 0 only)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json(indent=2))
-    os.replace(path + '.tmp', path)
+    fileio.write_atomic(os.path.join(workdir, CONFIG_FILE),
+                        config.to_json(indent=2))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -7,6 +7,7 @@ import ml_collections
 
 from gender_jax import augment
 from gender_jax import errors
+from gender_jax import models
 from gender_jax import sources
 
 
@@ -51,16 +52,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(e, isinstance(config.precise_bn_batches, int)
          and config.precise_bn_batches >= 0, 'precise_bn_batches',
          config.precise_bn_batches, 'an int >= 0 (0: off)')
-  _check(e, isinstance(config.init_baseline, bool), 'init_baseline',
-         config.init_baseline, 'True or False')
+  for key in ('init_baseline', 'calibrate'):
+    _check(e, isinstance(config[key], bool), key, config[key], 'True or False')
   for key in ('flatten_dropout_rate', 'dropout_rate'):
     _check(e, 0.0 <= config[key] < 1.0, key, config[key], 'a rate in [0, 1)')
-  _check(e, config.model in ('cnn', 'tiny'), 'model', config.model,
-         "'cnn' or 'tiny'")
-  _check(e, config.compute_dtype in ('float32', 'bfloat16'), 'compute_dtype',
-         config.compute_dtype, "'float32' or 'bfloat16'")
-  _check(e, config.kernels in ('auto', 'plain', 'cpu'), 'kernels',
-         config.kernels, "'auto', 'plain' or 'cpu'")
+  for key, allowed in (('model', models.MODELS),
+                       ('compute_dtype', models.COMPUTE_DTYPES),
+                       ('kernels', models.KERNELS)):
+    _check(e, config[key] in allowed, key, config[key],
+           ' or '.join(map(repr, allowed)))
   _check(e, config.learning_rate > 0, 'learning_rate', config.learning_rate,
          'a float > 0')
   _check(e, 0 < config.min_learning_rate <= config.learning_rate,
@@ -70,11 +70,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
          config.plateau_factor, 'a float in (0, 1)')
   for key in ('plateau_min_delta', 'early_stopping_min_delta'):
     _check(e, config[key] >= 0, key, config[key], 'a float >= 0')
-  for key in ('rotation', 'zoom', 'translation', 'brightness'):
-    _check(e, 0 <= config.aug[key] < 1, f'aug.{key}', config.aug[key],
-           'a factor in [0, 1)')
-  _check(e, config.aug.resampling in augment.RESAMPLINGS, 'aug.resampling',
-         config.aug.resampling, ' or '.join(map(repr, augment.RESAMPLINGS)))
+  aug = config.aug
+  for key in ('rotation', 'zoom', 'translation', 'brightness', 'contrast',
+              'saturation'):
+    _check(e, 0 <= aug[key] < 1, f'aug.{key}', aug[key], 'a factor in [0, 1)')
+  _check(e, aug.resampling in augment.RESAMPLINGS, 'aug.resampling',
+         aug.resampling, ' or '.join(map(repr, augment.RESAMPLINGS)))
+  _check(e, 0.25 <= aug.scale_min <= aug.scale_max, 'aug.scale_min',
+         aug.scale_min, 'a scale in [0.25, aug.scale_max]')
+  _check(e, aug.scale_min <= aug.scale_max <= 4, 'aug.scale_max',
+         aug.scale_max, 'a scale in [aug.scale_min, 4]')
+  _check(e, 0 <= aug.hue <= 0.5, 'aug.hue', aug.hue,
+         'a fraction of the hue circle in [0, 0.5]')
+  for key in ('grayscale', 'blur', 'downscale'):
+    _check(e, 0 <= aug[key] <= 1, f'aug.{key}', aug[key],
+           'a probability in [0, 1]')
+  _check(e, 0 < aug.blur_sigma_min <= aug.blur_sigma_max, 'aug.blur_sigma_min',
+         aug.blur_sigma_min, 'pixels in (0, aug.blur_sigma_max]')
+  _check(e, aug.blur_sigma_min <= aug.blur_sigma_max <= 5,
+         'aug.blur_sigma_max', aug.blur_sigma_max,
+         'pixels in [aug.blur_sigma_min, 5]')
+  _check(e, 0.1 <= aug.downscale_min <= 1, 'aug.downscale_min',
+         aug.downscale_min, 'a scale in [0.1, 1]')
   try:
     sources.parse_weights(config.source_weights)
   except ValueError as error:

@@ -24,7 +24,6 @@ means). The pictures are drawn by `gender_jax.plots`.
 """
 
 import heapq
-import json
 import os
 import re
 from typing import Dict, List, Optional, Sequence
@@ -38,6 +37,7 @@ from gender_jax import calibration
 from gender_jax import checkpointing
 from gender_jax import dataset
 from gender_jax import errors
+from gender_jax import fileio
 from gender_jax import input_pipeline
 from gender_jax import labels as labels_lib
 from gender_jax import models
@@ -401,8 +401,7 @@ def _write_outputs(report: dict, worst: _WorstErrors, output_dir: str):
   files['wrong_predictions'] = plots.plot_wrong_predictions(
       images, labels, p_male, labels_lib.CLASS_NAMES, output_dir,
       num_wrong_total=worst.count)
-  with open(files['report'], 'w') as f:
-    json.dump({**report, 'files': files}, f, indent=2)
+  fileio.write_json(files['report'], {**report, 'files': files})
   writer = metric_writers.create_default_writer(output_dir,
                                                 asynchronous=False)
   step = report['step']

@@ -29,6 +29,8 @@ ModuleDef = Any
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
 KERNELS = ('auto', 'plain', 'cpu')
+MODELS = ('cnn', 'tiny')             # config.model: the original, a small one.
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 class ConvBlock(nn.Module):
@@ -142,7 +144,7 @@ def create_model(config) -> GenderCNN:
   if config.model == 'tiny':
     return GenderCNN(filters=(4, 8, 8, 8), kernel_sizes=(5, 3, 3, 3),
                      hidden_units=16, **common)
-  raise ValueError(f"config.model={config.model!r}: expected 'cnn' or 'tiny'.")
+  raise ValueError(f'config.model={config.model!r}: expected one of {MODELS}.')
 
 
 def init_variables(model: nn.Module, rng, image_size):

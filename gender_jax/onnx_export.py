@@ -14,6 +14,7 @@ into the preceding layer:
           -> Sigmoid * x (swish) -> MaxPool 2x2/2]
   -> Flatten (C, H, W order; Dense_0's rows are permuted from flax's (H, W, C))
   -> Gemm (BatchNorm folded) -> swish -> Gemm
+  -> Div by the calibration temperature (only if it is not 1)
   -> outputs logit (N,) and p_male = Sigmoid(logit) (N,)
 
 Only the deterministic pass is exported: dropout is off, so MC-Dropout
@@ -83,11 +84,14 @@ def _num_blocks(params) -> int:
 def build_model(variables: Dict[str, Any], image_size: Sequence[int], *,
                 input_dtype: str = 'float32',
                 epsilon: float = models.BN_EPSILON,
-                doc: str = '') -> onnx.ModelProto:
-  """The ONNX model of a GenderCNN's {'params', 'batch_stats'} at (H, W)."""
+                temperature: float = 1.0, doc: str = '') -> onnx.ModelProto:
+  """The ONNX model of a GenderCNN's {'params', 'batch_stats'} at (H, W);
+  its logit is divided by `temperature` (calibrated p_male)."""
   if input_dtype not in INPUT_DTYPES:
     raise ValueError(f'input_dtype={input_dtype!r}: expected one of '
                      f'{sorted(INPUT_DTYPES)}.')
+  if not (np.isfinite(temperature) and temperature > 0):
+    raise ValueError(f'temperature={temperature}: expected a finite float > 0.')
   params, stats = variables['params'], variables['batch_stats']
   height, width = image_size
   g = _Graph()
@@ -121,6 +125,8 @@ def build_model(variables: Dict[str, Any], image_size: Sequence[int], *,
   x = g.op('Gemm', [g.swish(x),
                     g.const('Dense_1/kernel', _np(params['Dense_1']['kernel'])),
                     g.const('Dense_1/bias', _np(params['Dense_1']['bias']))])
+  if temperature != 1.0:
+    x = g.op('Div', [x, g.const('temperature', _np(temperature))])
   logit = g.op('Reshape', [x, g.const('flat', np.asarray([-1], np.int64))],
                OUTPUT_NAMES[0])
   g.op('Sigmoid', [logit], OUTPUT_NAMES[1])
@@ -138,24 +144,31 @@ def build_model(variables: Dict[str, Any], image_size: Sequence[int], *,
       graph, producer_name='gender_jax', doc_string=doc, opset_imports=opsets,
       ir_version=helper.find_min_ir_version_for(opsets))
   helper.set_model_props(model, {'image_size': f'{h},{w}',
-                                 'input_range': '0..255 RGB, NHWC'})
+                                 'input_range': '0..255 RGB, NHWC',
+                                 'temperature': repr(float(temperature))})
   onnx.checker.check_model(model, full_check=True)
   return model
 
 
 def export_workdir(workdir: str, output: str, *,
                    input_dtype: str = 'float32') -> Dict[str, Any]:
-  """Writes `output` (.onnx) from a workdir's best checkpoint; a summary."""
+  """Writes `output` (.onnx) from a workdir's best checkpoint, calibrated by
+  its calibration.json (if any); a summary."""
+  from gender_jax import calibration  # pylint: disable=g-import-not-at-top
   from gender_jax import checkpointing  # pylint: disable=g-import-not-at-top
   config = checkpointing.read_config(workdir)
   variables, meta = checkpointing.restore_best(workdir, config)
+  temperature = calibration.read_temperature(workdir, meta.get('step'))
   model = build_model(
       variables, config.image_size, input_dtype=input_dtype,
+      temperature=temperature,
       doc=f'gender_jax {config.model} from {os.path.abspath(workdir)} '
-      f"(best step {meta.get('step')}): p(male) of RGB faces.")
+      f"(best step {meta.get('step')}, temperature {temperature:g}): "
+      'p(male) of RGB faces.')
   directory = os.path.dirname(os.path.abspath(output))
   os.makedirs(directory, exist_ok=True)
   onnx.save(model, output)
   return {'output': output, 'image_size': list(config.image_size),
           'input_dtype': input_dtype, 'opset': OPSET,
-          'bytes': os.path.getsize(output), 'step': meta.get('step')}
+          'bytes': os.path.getsize(output), 'step': meta.get('step'),
+          'temperature': temperature}

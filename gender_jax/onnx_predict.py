@@ -47,10 +47,13 @@ class OnnxModel:
     self.output_names = [o.name for o in self.session.get_outputs()]
 
   @classmethod
-  def from_variables(cls, variables, image_size, **kwargs) -> 'OnnxModel':
-    """Builds the graph in memory from {'params', 'batch_stats'}."""
+  def from_variables(cls, variables, image_size, temperature: float = 1.0,
+                     **kwargs) -> 'OnnxModel':
+    """Builds the graph in memory from {'params', 'batch_stats'}, its logit
+    divided by `temperature`."""
     from gender_jax import onnx_export  # pylint: disable=g-import-not-at-top
-    model = onnx_export.build_model(variables, image_size, input_dtype='uint8')
+    model = onnx_export.build_model(variables, image_size, input_dtype='uint8',
+                                    temperature=temperature)
     return cls(model.SerializeToString(), **kwargs)
 
   def __call__(self, images) -> Dict[str, np.ndarray]:

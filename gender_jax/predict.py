@@ -13,6 +13,11 @@ once per image and only the dense head runs `mc_samples` times.
 Each image's dropout key is derived from the seed and an integer id of the
 image (the labeller uses a hash of its path), not from its batch, so MC
 results do not depend on batch size, batch composition or resumption.
+
+Every logit (deterministic and each MC sample) is divided by the workdir's
+temperature (`gender_jax.calibration`) before it becomes a probability.
+`tta='flip'` averages the logits of each image and its horizontal mirror
+(an MC sample runs both views with the same dropout key).
 """
 
 import zlib
@@ -27,6 +32,7 @@ from gender_jax import image_io
 from gender_jax import sharding as sharding_lib
 
 MC_KEYS = ('mc_mean', 'mc_std', 'mc_entropy', 'mc_mutual_info')
+TTA_MODES = ('none', 'flip')       # Test-time augmentation: the views averaged.
 
 
 def binary_entropy(p):
@@ -67,8 +73,15 @@ def path_ids(paths: Sequence[Union[str, bytes]]) -> np.ndarray:
       np.uint32)
 
 
+def _views(images, tta: str):
+  """(V, N, H, W, 3): the images and, for tta='flip', their mirrors."""
+  return jnp.stack([images, images[:, :, ::-1]] if tta == 'flip'
+                   else [images])
+
+
 def predict_batch(model, variables, images, ids, *, mc_samples: int = 1,
-                  seed: int = 0) -> Dict[str, jnp.ndarray]:
+                  seed: int = 0, temperature: float = 1.0,
+                  tta: str = 'none') -> Dict[str, jnp.ndarray]:
   """Logits, p(male) and (if mc_samples > 1) MC statistics for a batch.
 
   Args:
@@ -79,28 +92,37 @@ def predict_batch(model, variables, images, ids, *, mc_samples: int = 1,
       split(fold_in(key(seed), ids[i]), mc_samples). Unused if mc_samples == 1.
     mc_samples: number of dropout samples; 1 means deterministic only.
     seed: dropout seed.
+    temperature: every logit (each MC sample's too) is divided by it.
+    tta: one of `TTA_MODES`; 'flip': each logit is the mean of the image's
+      and its mirror's (an MC sample uses one dropout key for both).
 
   Returns:
     {'logit', 'p_male'} (deterministic: dropout off) and, for mc_samples > 1,
     the `MC_KEYS`, each (N,) float32.
   """
+  views = _views(images, tta)
   if mc_samples == 1:
-    logits = model.apply(variables, images, train=False)
+    logits = model.apply(variables, views.reshape(-1, *images.shape[1:]),
+                         train=False).reshape(len(views), -1).mean(0)
+    logits = logits / temperature
     return {'logit': logits, 'p_male': jax.nn.sigmoid(logits)}
   base = jax.random.key(seed)
 
-  def one_sample(image, key):
-    return model.apply(variables, image[None], train=False, mc_dropout=True,
-                       rngs={'dropout': key})[0]
+  def one_sample(views, key):
+    return jax.vmap(lambda view: model.apply(
+        variables, view[None], train=False, mc_dropout=True,
+        rngs={'dropout': key})[0])(views).mean()
 
-  def one_image(image, image_id):
+  def one_image(views, image_id):
     # The deterministic pass is traced like the samples so that XLA sees
     # the same convolutions and computes the trunk once for both.
-    logit = model.apply(variables, image[None], train=False)[0]
+    logit = jax.vmap(lambda view: model.apply(
+        variables, view[None], train=False)[0])(views).mean()
     keys = jax.random.split(jax.random.fold_in(base, image_id), mc_samples)
-    return logit, jax.vmap(one_sample, in_axes=(None, 0))(image, keys)
+    return logit, jax.vmap(one_sample, in_axes=(None, 0))(views, keys)
 
-  logits, samples = jax.vmap(one_image)(images, ids)     # (N,), (N, S)
+  logits, samples = jax.vmap(one_image, in_axes=(1, 0))(views, ids)
+  logits, samples = logits / temperature, samples / temperature  # (N,), (N, S)
   return {'logit': logits, 'p_male': jax.nn.sigmoid(logits),
           **mc_statistics(samples.T)}
 
@@ -110,8 +132,17 @@ def local_mesh() -> Mesh:
   return Mesh(np.asarray(jax.local_devices()), ('data',))
 
 
+def check_options(temperature: float, tta: str) -> None:
+  """ValueError unless temperature is a finite float > 0 and tta a mode."""
+  if not (np.isfinite(temperature) and temperature > 0):
+    raise ValueError(f'temperature={temperature}: expected a finite float > 0.')
+  if tta not in TTA_MODES:
+    raise ValueError(f'tta={tta!r}: expected one of {TTA_MODES}.')
+
+
 def make_predict_fn(model, mc_samples: int = 1, seed: int = 0,
-                    mesh: Optional[Mesh] = None):
+                    mesh: Optional[Mesh] = None, *, temperature: float = 1.0,
+                    tta: str = 'none'):
   """`predict_batch` jitted: fn(variables, images, ids) -> dict of (N,).
 
   With a mesh, images and ids are split over 'data', variables replicated and
@@ -119,10 +150,12 @@ def make_predict_fn(model, mc_samples: int = 1, seed: int = 0,
   """
   if mc_samples < 1:
     raise ValueError(f'mc_samples={mc_samples}: expected an int >= 1.')
+  check_options(temperature, tta)
 
   def fn(variables, images, ids):
     return predict_batch(model, variables, images, ids,
-                         mc_samples=mc_samples, seed=seed)
+                         mc_samples=mc_samples, seed=seed,
+                         temperature=temperature, tta=tta)
 
   if mesh is None:
     return jax.jit(fn)
@@ -160,13 +193,20 @@ class Predictor:
   ``runtime='onnxruntime'`` runs the deterministic pass (mc_samples=1 only)
   on the model exported by `gender_jax.onnx_export`, built in memory from
   the same variables, instead of XLA.
+
+  `temperature` divides every logit (`from_workdir` reads the workdir's
+  calibration.json); `tta` is one of `TTA_MODES` (see `predict_batch`).
   """
 
   def __init__(self, model, variables, image_size, *, mc_samples: int = 1,
                batch_size: int = 64, seed: int = 0,
-               mesh: Optional[Mesh] = None, runtime: str = 'jax'):
+               mesh: Optional[Mesh] = None, runtime: str = 'jax',
+               temperature: float = 1.0, tta: str = 'none'):
     _check_runtime(runtime, mc_samples)
+    check_options(temperature, tta)
     self.runtime = runtime
+    self.temperature = float(temperature)
+    self.tta = tta
     self.model = model
     self.image_size = tuple(image_size)
     self.mc_samples = mc_samples
@@ -182,19 +222,26 @@ class Predictor:
         {'params': variables['params'],
          'batch_stats': variables['batch_stats']},
         sharding_lib.replicated(self.mesh))
-    self._fn = make_predict_fn(model, mc_samples, seed, self.mesh)
+    self._fn = make_predict_fn(model, mc_samples, seed, self.mesh,
+                               temperature=temperature, tta=tta)
     self._onnx = None
     if runtime == 'onnxruntime':
       from gender_jax import onnx_predict  # pylint: disable=g-import-not-at-top
-      self._onnx = onnx_predict.OnnxModel.from_variables(variables, image_size)
+      self._onnx = onnx_predict.OnnxModel.from_variables(
+          variables, image_size, temperature=temperature)
     self._data = sharding_lib.data_sharding(self.mesh)
     self.meta = {}      # The checkpoint's meta (step, epoch...) if known.
 
   @classmethod
   def from_workdir(cls, workdir: str, **kwargs) -> 'Predictor':
-    """Loads a workdir's best model (see `checkpointing.load_model`)."""
+    """Loads a workdir's best model (see `checkpointing.load_model`) and,
+    unless `temperature` is given, its calibration.json's temperature."""
+    from gender_jax import calibration  # pylint: disable=g-import-not-at-top
     from gender_jax import checkpointing  # pylint: disable=g-import-not-at-top
     config, model, variables, meta = checkpointing.load_model(workdir)
+    if 'temperature' not in kwargs:
+      kwargs['temperature'] = calibration.read_temperature(workdir,
+                                                           meta.get('step'))
     predictor = cls(model, variables, config.image_size, **kwargs)
     predictor.meta = meta
     return predictor
@@ -207,10 +254,20 @@ class Predictor:
     """Starts one full batch (exactly batch_size) on the devices, async
     (ONNX Runtime: runs it and returns numpy arrays)."""
     if self._onnx is not None:
-      return self._onnx(images)
+      return self._onnx_outputs(images)
     images = jax.device_put(images, self._data)
     ids = jax.device_put(np.asarray(ids, np.uint32), self._data)
     return self._fn(self.variables, images, ids)
+
+  def _onnx_outputs(self, images: np.ndarray) -> Dict[str, np.ndarray]:
+    """ONNX Runtime's outputs; with tta='flip' one run over the images and
+    their mirrors, whose logits are averaged."""
+    if self.tta == 'none':
+      return self._onnx(images)
+    both = np.concatenate([images, images[:, :, ::-1]])
+    logits = self._onnx(both)['logit'].reshape(2, len(images)).mean(0)
+    return {'logit': logits,
+            'p_male': np.exp(-np.logaddexp(np.float32(0), -logits))}
 
   def pad(self, images: np.ndarray, ids: np.ndarray):
     """Zero-pads images and ids to batch_size rows (each if shorter)."""

@@ -42,7 +42,6 @@ host 0 also holds the workdir's lock file for the whole run.
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -67,6 +66,7 @@ from gender_jax import checkpointing
 from gender_jax import config_lib
 from gender_jax import dataset
 from gender_jax import errors
+from gender_jax import fileio
 from gender_jax import input_pipeline
 from gender_jax import locking
 from gender_jax import models
@@ -385,14 +385,6 @@ def _check_finite(values: Dict[str, float], what: str, step: int,
         'Lower --config.learning_rate or check the data.')
 
 
-def _write_json(path: str, data: Dict[str, Any]) -> None:
-  if jax.process_index() == 0:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 class _Run:
   """One training run in a workdir: its data, jitted steps and writers."""
 
@@ -630,7 +622,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       summary['stored_image_size'] = list(stored)
       summary['devices'] = jax.device_count()
       summary['processes'] = jax.process_count()
-      _write_json(os.path.join(workdir, RESULTS_FILE), summary)
+      if jax.process_index() == 0:
+        fileio.write_json(os.path.join(workdir, RESULTS_FILE), summary)
       writer.write_scalars(summary['best_step'], {
           f'final/{split}_{k}': v
           for split, r in summary['final_evaluation'].items()

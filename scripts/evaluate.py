@@ -2,12 +2,14 @@ r"""Evaluates a trained model on a whole split and writes report + pictures.
 
   python scripts/evaluate.py --workdir=runs/stage2 --data_dir=/path/tfds \
       --split=test [--checkpoint=best|latest] [--batch_size=256] \
-      [--output_dir=DIR]
+      [--output_dir=DIR] [--tta=flip]
 
 Writes <workdir>/eval_<split>/{report.json, confusion_matrix.png,
 reliability_diagram.png, wrong_predictions*.png, TensorBoard events} and
-prints the report as a table. A mistake in the flags, workdir, dataset or
-split is one line on stderr and exit status 2.
+prints the report as a table. p(male) is calibrated by the workdir's
+calibration.json (if any); log loss and ECE are also reported before it.
+A mistake in the flags, workdir, dataset or split is one line on stderr and
+exit status 2.
 """
 
 
@@ -17,6 +19,7 @@ from absl import flags
 from gender_jax import cli
 cli.quiet_tensorflow()   # Before evaluate imports TensorFlow.
 from gender_jax import evaluate  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import predict  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
                                required=True)
@@ -34,6 +37,9 @@ _OUTPUT_DIR = flags.DEFINE_string(
 _MAX_WRONG = flags.DEFINE_integer(
     'max_wrong', evaluate.MAX_WRONG, 'Most misclassified faces to draw.',
     lower_bound=0)
+_TTA = flags.DEFINE_enum(
+    'tta', 'none', predict.TTA_MODES, 'Test-time augmentation: flip = mean '
+    'logit of each image and its mirror.')
 
 
 
@@ -47,10 +53,11 @@ def main(argv):
     report = evaluate.evaluate(
         _WORKDIR.value, _DATA_DIR.value, _SPLIT.value,
         checkpoint=_CHECKPOINT.value, batch_size=_BATCH_SIZE.value,
-        max_wrong=_MAX_WRONG.value, output_dir=_OUTPUT_DIR.value)
+        max_wrong=_MAX_WRONG.value, output_dir=_OUTPUT_DIR.value,
+        tta=_TTA.value)
   print(f"{report['split']}: {report['num_examples']} examples, "
         f"{report['checkpoint']} checkpoint (step {report['step']}, "
-        f"epoch {report['epoch']})\n")
+        f"epoch {report['epoch']}), tta {report['tta']}\n")
   print(evaluate.format_report(report))
   print(f"\nWrote {report['output_dir']}")
 

@@ -4,9 +4,11 @@ r"""Exports a workdir's best model for serving without JAX.
       --output=model.onnx [--input_dtype=uint8]
 
 The ONNX model takes (N, H, W, 3) RGB images in 0..255 (N dynamic; float32
-or uint8) and returns `logit` and `p_male`, each (N,); run it with
-gender_jax.onnx_predict.OnnxModel or any ONNX runtime. Only the deterministic
-pass is exported: MC-Dropout runs in JAX (scripts/label.py --mc_samples).
+or uint8) and returns `logit` and `p_male`, each (N,), calibrated by the
+workdir's calibration.json if it has one (the logit divided by its
+temperature); run it with gender_jax.onnx_predict.OnnxModel or any ONNX
+runtime. Only the deterministic pass is exported: MC-Dropout runs in JAX
+(scripts/label.py --mc_samples).
 """
 
 import json

@@ -42,9 +42,58 @@ def test_validate_names_every_bad_field():
   c.image_size = (8, 178)
   c.precise_bn_batches = -1
   c.aug.resampling = 'bicubic'
+  c.calibrate = None
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(c)
   for key in ('config.batch_size=0', 'config.dropout_rate=1.5', 'config.image_size',
-              'config.precise_bn_batches=-1', "config.aug.resampling='bicubic'"):
+              'config.precise_bn_batches=-1', "config.aug.resampling='bicubic'",
+              'config.calibrate=None'):
     assert key in str(e.value)
   assert '\n' not in str(e.value)   # One line.
+
+
+def test_robust_augmentation_defaults_are_off():
+  c = _load('default.py')
+  assert (c.aug.scale_min, c.aug.scale_max) == (1.0, 1.0)
+  for op in ('contrast', 'saturation', 'hue', 'grayscale', 'blur', 'downscale'):
+    assert c.aug[op] == 0.0, op
+
+
+def test_robust_configs_load_and_validate():
+  s1, s2 = _load('stage1.py'), _load('stage2.py')
+  robust, robust2 = _load('robust.py'), _load('robust_stage2.py')
+  for c in (robust, robust2):
+    config_lib.validate(c)
+    assert (c.train_split, c.eval_split) == ('train', 'validation')
+    assert c.augment and c.aug.contrast > 0 and c.aug.downscale > 0
+  # Stage 1's optimisation, stage 2's fine-tune.
+  for key in ('learning_rate', 'repeat', 'num_epochs', 'plateau_patience',
+              'early_stopping_patience', 'dropout_rate', 'init_baseline',
+              'precise_bn_batches'):
+    assert robust[key] == s1[key] and robust2[key] == s2[key], key
+  assert robust.aug.scale_min < 1 < robust.aug.scale_max
+  # Stage 2: the photometric ops of stage 1, no geometric resampling.
+  assert (robust2.aug.rotation, robust2.aug.zoom, robust2.aug.translation,
+          robust2.aug.scale_min, robust2.aug.scale_max) == (0, 0, 0, 1, 1)
+  for op in ('contrast', 'saturation', 'hue', 'grayscale', 'blur', 'downscale'):
+    assert robust2.aug[op] == robust.aug[op], op
+
+
+def test_validate_names_every_bad_augmentation_field():
+  c = _load('robust.py')
+  bad = dict(contrast=1.0, saturation=-0.1, hue=0.6, grayscale=1.5, blur=-1.0,
+             downscale=2.0, scale_min=0.1, scale_max=5.0, blur_sigma_min=0.0,
+             blur_sigma_max=6.0, downscale_min=0.05)
+  c.aug.update(bad)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  for key, value in bad.items():
+    assert f'config.aug.{key}={value!r}' in str(e.value)
+  assert '\n' not in str(e.value)
+  c = _load('robust.py')
+  c.aug.scale_min, c.aug.scale_max = 1.2, 0.9
+  c.aug.blur_sigma_min, c.aug.blur_sigma_max = 2.0, 1.0
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  for key in ('scale_min', 'scale_max', 'blur_sigma_min', 'blur_sigma_max'):
+    assert f'config.aug.{key}=' in str(e.value)

@@ -346,7 +346,7 @@ def test_outputs_are_never_inputs(workdir, images, tmp_path):
   odd = folder / 'a' / 'b.png'
   assert label.own_outputs(str(folder), label.output_paths(str(odd))) == {
       'a/b.png', 'a/b.png.args.json', 'a/b.png.lock', 'a/b.png.repair.tmp',
-      'a/b.png_per_directory.csv', 'a/b.png_flagged.csv',
+      'a/b.png.ray', 'a/b.png_per_directory.csv', 'a/b.png_flagged.csv',
       'a/b.png_mislabels.csv', 'a/b.png_mislabels.png'}
   assert label.own_outputs(str(folder / 'Male'),
                            label.output_paths(str(tmp_path / 'x.csv'))) == set()
@@ -365,6 +365,8 @@ def test_script_user_errors_are_one_line_exit_2(workdir, images, tmp_path):
       'mc_samples': ok + ['--mc_samples=0'],
       '--output must have a value': ok[:2],
       'unexpected arguments': ok + ['extra'],
+      '--boxes: ': ok + [f'--boxes={tmp_path / "none.csv"}'],
+      'resize': ok + ['--resize=fit'],
       'in use by pid': ok,
   }
   # No JAX_PLATFORMS: these errors come before JAX probes any backend.
@@ -379,3 +381,169 @@ def test_script_user_errors_are_one_line_exit_2(workdir, images, tmp_path):
       assert result.stderr.startswith('label.py: error: ')
       assert expected in result.stderr, (expected, result.stderr)
   assert not os.path.exists(out)
+
+
+# ---------------------------------------------------------------- framing --
+
+
+@pytest.fixture(scope='module')
+def framed_images(tmp_path_factory):
+  """Wide faces (24 x 60), faces at the model's aspect (48 x 40) and a photo
+  with a face box; returns the folder."""
+  folder = tmp_path_factory.mktemp('framed')
+  rng = np.random.default_rng(3)
+  for i in range(4):
+    face = synthetic.face_image(rng, i % 2 == 0, (24, 20))
+    wide = np.concatenate([rng.integers(0, 255, (24, 20, 3), np.uint8), face,
+                           rng.integers(0, 255, (24, 20, 3), np.uint8)], 1)
+    Image.fromarray(wide).save(folder / f'wide{i}.png')
+    Image.fromarray(synthetic.face_image(rng, i % 2 == 1, (48, 40))).save(
+        folder / f'model{i}.png')
+  photo = rng.integers(0, 255, (100, 120, 3), np.uint8)
+  photo[30:78, 50:90] = synthetic.face_image(rng, True, (48, 40))
+  (folder / 'photos').mkdir()
+  Image.fromarray(photo).save(folder / 'photos' / 'photo.png')
+  Image.fromarray(photo[30:78, 50:90]).save(folder / 'photos' / 'cut.png')
+  return str(folder)
+
+
+def _p_male(path):
+  return {r['path']: r['p_male'] for r in read_csv(path)}
+
+
+def test_crop_and_stretch_differ_only_off_the_model_aspect(
+    workdir, framed_images, tmp_path):
+  stretch = run(workdir, framed_images, tmp_path / 's.csv')
+  crop = run(workdir, framed_images, tmp_path / 'c.csv', resize='crop')
+  assert (stretch['resize'], crop['resize']) == ('stretch', 'crop')
+  s, c = _p_male(tmp_path / 's.csv'), _p_male(tmp_path / 'c.csv')
+  for i in range(4):
+    assert s[f'model{i}.png'] == c[f'model{i}.png']
+    assert s[f'wide{i}.png'] != c[f'wide{i}.png']
+  # The centre crop of a wide image is its face: as if given the face alone.
+  from gender_jax import predict  # pylint: disable=g-import-not-at-top
+  batch = np.stack([
+      image_io.decode(os.path.join(framed_images, f'wide{i}.png'), (24, 20),
+                      'crop')[0] for i in range(4)])
+  want = predict.Predictor.from_workdir(workdir, batch_size=8).predict(batch)
+  np.testing.assert_allclose([float(c[f'wide{i}.png']) for i in range(4)],
+                             want['p_male'], rtol=1e-5)
+
+
+def test_face_boxes_crop_the_listed_images(workdir, framed_images, tmp_path):
+  boxes = tmp_path / 'loose_bb.csv'
+  boxes.write_text('NAME_ID,X,Y,W,H\nphotos/photo,50,30,40,48\n')
+  summary = run(workdir, framed_images, tmp_path / 'b.csv', boxes=str(boxes),
+                box_margin=0.0)
+  assert summary['boxes'] == str(boxes) and summary['box_margin'] == 0.0
+  run(workdir, framed_images, tmp_path / 'p.csv')
+  boxed, plain = _p_male(tmp_path / 'b.csv'), _p_male(tmp_path / 'p.csv')
+  assert boxed['photos/photo.png'] == plain['photos/cut.png']
+  assert boxed['photos/photo.png'] != plain['photos/photo.png']
+  del boxed['photos/photo.png'], plain['photos/photo.png']
+  assert boxed == plain                  # Images without a box: unchanged.
+
+
+def test_resume_with_other_framing_is_refused(workdir, framed_images,
+                                              tmp_path):
+  out = tmp_path / 'l.csv'
+  run(workdir, framed_images, out, resize='pad')
+  args = json.loads((tmp_path / 'l.csv.args.json').read_text())
+  assert args['resize'] == 'pad' and 'boxes' not in args
+  with pytest.raises(label.LabelError, match="resize: was 'pad', now None"):
+    run(workdir, framed_images, out)
+  boxes = tmp_path / 'boxes.csv'
+  boxes.write_text('photos/photo.png,50,30,40,48\n')
+  with pytest.raises(label.LabelError, match='boxes: was None'):
+    run(workdir, framed_images, out, resize='pad', boxes=str(boxes))
+  assert run(workdir, framed_images, out, resize='pad')[
+      'num_labelled_now'] == 0
+
+
+def _with_dataset_metadata(workdir, tmp_path, meta):
+  """A copy of `workdir` whose config's data_dir holds `meta` as the
+  dataset's metadata.json (as prepare_data.py writes it)."""
+  copy = str(tmp_path / 'w')
+  shutil.copytree(workdir, copy)
+  data_dir = tmp_path / 'data'
+  (data_dir / 'gender_faces' / '1.0.0').mkdir(parents=True)
+  (data_dir / 'gender_faces' / '1.0.0' / 'metadata.json').write_text(
+      json.dumps(meta))
+  config_path = os.path.join(copy, 'config.json')
+  with open(config_path) as f:
+    config = json.load(f)
+  config['data_dir'] = str(data_dir)
+  with open(config_path, 'w') as f:
+    json.dump(config, f)
+  return copy, str(data_dir / 'gender_faces' / '1.0.0' / 'metadata.json')
+
+
+def test_framing_defaults_to_the_training_datasets(workdir, framed_images,
+                                                   tmp_path, caplog):
+  meta = {'sources': {}, 'resize': 'crop', 'box_margin': 0.25}
+  copy, meta_path = _with_dataset_metadata(workdir, tmp_path, meta)
+  with caplog.at_level('INFO'):
+    summary = run(copy, framed_images, tmp_path / 'd.csv')
+  assert summary['resize'] == 'crop'
+  assert (f'Framing: resize=crop (training data {meta_path}), no face '
+          'boxes.') in caplog.text
+  args = json.loads((tmp_path / 'd.csv.args.json').read_text())
+  assert args['resize'] == 'crop'
+  crop = run(workdir, framed_images, tmp_path / 'c.csv', resize='crop')
+  assert _p_male(tmp_path / 'd.csv') == _p_male(tmp_path / 'c.csv')
+  assert crop['resize'] == 'crop'
+
+
+def test_resolve_framing_order_and_errors(workdir, tmp_path):
+  copy, meta_path = _with_dataset_metadata(
+      workdir, tmp_path, {'resize': 'pad', 'box_margin': 0.25})
+  config = label._read_config(copy)  # pylint: disable=protected-access
+  boxes = tmp_path / 'boxes.csv'
+  boxes.write_text('a/b,1,2,3,4\n')
+  framing, line = label.resolve_framing(config, boxes=str(boxes))
+  assert (framing.resize, framing.box_margin) == ('pad', 0.25)
+  assert framing.box('a/b.jpg') == (1, 2, 3, 4) and framing.box('c') is None
+  assert line == (f'Framing: resize=pad (training data {meta_path}), 1 face '
+                  f'boxes from {boxes}, box_margin=0.25 (training data '
+                  f'{meta_path}).')
+  framing, line = label.resolve_framing(config, 'stretch', str(boxes), 0.0)
+  assert (framing.resize, framing.box_margin) == ('stretch', 0.0)
+  assert 'resize=stretch (given)' in line and '0.0 (given)' in line
+  default = label._read_config(workdir)  # pylint: disable=protected-access
+  framing, line = label.resolve_framing(default)
+  assert framing == label.Framing() and line == (
+      'Framing: resize=stretch (default), no face boxes.')
+  boxes.write_text('a/b,1,2,3\n')
+  for kwargs, words in (({'resize': 'fit'}, "--resize='fit'"),
+                        ({'box_margin': -1.0}, '--box_margin=-1.0'),
+                        ({'boxes': str(boxes)}, 'line 1')):
+    with pytest.raises(label.LabelError, match=words) as error:
+      label.resolve_framing(config, **kwargs)
+    assert '\n' not in str(error.value)
+
+
+def test_resume_cut_anywhere_in_a_record_with_a_newline(workdir, images,
+                                                         tmp_path):
+  """A file name holding a newline is one quoted CSV record over two lines;
+  a run killed at any byte of that record resumes to the full CSV."""
+  images_dir, _ = images
+  folder = tmp_path / 'imgs'
+  shutil.copytree(images_dir, folder)
+  male = folder / 'Male'
+  shutil.copyfile(male / sorted(os.listdir(male))[0], male / 'two\nlines.jpg')
+  full = tmp_path / 'full.csv'
+  run(workdir, str(folder), full)
+  raw = full.read_bytes()
+  start = raw.index(b'"Male/two\nlines.jpg"')
+  end = raw.index(b'\n', raw.index(b'lines.jpg"')) + 1
+  header = tuple(next(csv.reader(raw.decode().splitlines())))
+  part = tmp_path / 'part.csv'
+  for cut in range(start, end + 1):
+    part.write_bytes(raw[:cut])
+    label._drop_partial_last_record(str(part), len(header))
+    assert part.read_bytes() == raw[:end if cut == end else start], cut
+  part.write_bytes(raw[:start + 12])           # Inside the quoted name.
+  os.link(str(full) + '.args.json', str(part) + '.args.json')
+  summary = run(workdir, str(folder), part)
+  assert summary['num_rows_dropped'] == 0
+  assert part.read_bytes() == raw

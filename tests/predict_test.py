@@ -107,6 +107,55 @@ def test_bad_arguments(tiny_config):
   model = models.create_model(tiny_config())
   with pytest.raises(ValueError, match='mc_samples'):
     predict.make_predict_fn(model, mc_samples=0)
+  with pytest.raises(ValueError, match="tta='rotate'"):
+    predict.make_predict_fn(model, tta='rotate')
+  for temperature in (0.0, -1.0, float('nan')):
+    with pytest.raises(ValueError, match='temperature'):
+      predict.make_predict_fn(model, temperature=temperature)
+
+
+def test_flip_tta_averages_the_logits_of_image_and_mirror(workdir,
+                                                          synthetic_batch):
+  """Deterministic and per MC sample (one dropout key for both views),
+  then divided by the temperature."""
+  config, model, variables, _ = checkpointing.load_model(workdir)
+  images, _ = synthetic_batch(5, seed=7)
+  ids = np.arange(30, 35, dtype=np.uint32)
+  samples, temperature = 4, 1.3
+  out = predict.Predictor(model, variables, config.image_size, batch_size=8,
+                          mc_samples=samples, temperature=temperature,
+                          tta='flip').predict(images, ids)
+  mirrors = images[:, :, ::-1]
+
+  def logits(x, **kwargs):
+    return np.asarray(model.apply(variables, x, train=False, **kwargs))
+
+  want = (logits(images) + logits(mirrors)) / 2 / temperature
+  np.testing.assert_allclose(out['logit'], want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out['p_male'], jax.nn.sigmoid(want), atol=1e-6)
+  sample_logits = np.stack([[
+      (logits(image[None], mc_dropout=True, rngs={'dropout': key})
+       + logits(mirror[None], mc_dropout=True, rngs={'dropout': key}))[0] / 2
+      for key in jax.random.split(jax.random.fold_in(jax.random.key(0), i),
+                                  samples)]
+                            for image, mirror, i in zip(images, mirrors, ids)])
+  want_mc = predict.mc_statistics(jnp.asarray(sample_logits.T / temperature))
+  for k in predict.MC_KEYS:
+    np.testing.assert_allclose(out[k], want_mc[k], rtol=1e-4, atol=1e-5)
+
+
+def test_flip_tta_onnxruntime_equals_jax(workdir, synthetic_batch):
+  pytest.importorskip('onnx')
+  pytest.importorskip('onnxruntime')
+  images, _ = synthetic_batch(11, seed=8)
+  want = predict.Predictor.from_workdir(workdir, batch_size=8, tta='flip',
+                                        temperature=1.3).predict(images)
+  got = predict.Predictor.from_workdir(workdir, batch_size=8, tta='flip',
+                                       temperature=1.3,
+                                       runtime='onnxruntime').predict(images)
+  np.testing.assert_allclose(got['logit'], want['logit'], rtol=1e-4,
+                             atol=1e-4)
+  assert np.abs(got['p_male'] - want['p_male']).max() <= 1e-5
 
 
 @pytest.mark.slow
@@ -135,16 +184,21 @@ def test_four_devices_match_one(workdir, synthetic_batch):
                              rtol=1e-5, atol=1e-6)
 
 
-def test_mc_samples_share_one_convolutional_trunk(tiny_config, image_size):
-  """16 MC samples cost far less than 16 passes: the trunk runs once."""
+@pytest.mark.parametrize('tta', predict.TTA_MODES)
+def test_mc_samples_share_one_convolutional_trunk(tiny_config, image_size,
+                                                  tta):
+  """16 MC samples cost far less than 16 passes: the trunk runs once (per
+  view with flip TTA, which costs about twice one view)."""
   model = models.create_model(tiny_config())
   variables = models.init_variables(model, jax.random.key(0), image_size)
   x = np.zeros((8, *image_size, 3), np.uint8)
   ids = np.zeros(8, np.uint32)
 
-  def flops(mc_samples):
-    fn = predict.make_predict_fn(model, mc_samples)
+  def flops(mc_samples, tta):
+    fn = predict.make_predict_fn(model, mc_samples, tta=tta)
     cost = fn.lower(variables, x, ids).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)['flops']
 
-  assert flops(16) < 1.5 * flops(1)
+  assert flops(16, tta) < 1.5 * flops(1, tta)
+  if tta == 'flip':
+    assert flops(1, 'flip') < 2.2 * flops(1, 'none')
