@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 
 from gender_jax import cpu
+from gender_jax import errors
 from gender_jax.errors import UserError  # Re-exported for the scripts.
 
 _CHATTY = ('orbax', 'tensorflow_datasets', 'xla_bridge')
@@ -56,14 +57,21 @@ def fail(program: str, message: str) -> None:
 @contextlib.contextmanager
 def user_errors(program: str, *also: Type[BaseException]) -> Iterator[None]:
   """Turns `UserError` (and the exception types in `also`) raised inside into
-  `fail(program, message)`. With absl's --verbosity >= 1 the traceback is
-  printed first, for debugging."""
+  `fail(program, message)`, and so too an error of the user's disk or paths
+  (`errors.environment_error`: full, read-only, a directory where a file
+  goes...). With absl's --verbosity >= 1 the traceback is printed first, for
+  debugging."""
   try:
     yield
   except (UserError, *also) as e:  # pylint: disable=catching-non-exception
     if logging.get_verbosity() >= 1:
       raise
     fail(os.path.basename(program), e)
+  except Exception as e:  # pylint: disable=broad-except
+    line = errors.environment_error(e)
+    if line is None or logging.get_verbosity() >= 1:
+      raise
+    fail(os.path.basename(program), line)
 
 
 def parse_flags(argv):

@@ -21,6 +21,8 @@ written by training.
 
 import math
 import os
+import shutil
+import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
@@ -275,6 +277,29 @@ def load_keras_model(path: str):
         'model file saved with model.save(), not weights only.') from e
 
 
+def _write_workdir(workdir: str, config, variables, meta) -> None:
+  """Writes config.json and best/0 into a temporary folder beside `workdir`
+  and renames them into place (config.json last), so a failed import (a
+  full disk...) leaves nothing that blocks its rerun."""
+  parent = os.path.dirname(os.path.abspath(workdir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(workdir)}.tmp-',
+                         dir=parent)
+  try:
+    checkpointing.write_config(tmp, config)
+    checkpointer = checkpointing.Checkpointer(tmp)
+    try:
+      checkpointer.save_best(0, variables, meta)
+    finally:
+      checkpointer.close()
+    os.makedirs(workdir, exist_ok=True)
+    os.rename(os.path.join(tmp, 'best'), os.path.join(workdir, 'best'))
+    os.replace(os.path.join(tmp, checkpointing.CONFIG_FILE),
+               os.path.join(workdir, checkpointing.CONFIG_FILE))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def import_keras(keras_path: str, workdir: str,
                  base_config: ml_collections.ConfigDict,
                  model: Optional[Any] = None) -> Dict[str, Any]:
@@ -300,12 +325,7 @@ def import_keras(keras_path: str, workdir: str,
   config_lib.validate(config)
   meta = {'step': 0, 'epoch': 0, 'imported_from': os.path.abspath(keras_path),
           'keras_layers': settings['sources']}
-  checkpointing.write_config(workdir, config)
-  checkpointer = checkpointing.Checkpointer(workdir)
-  try:
-    checkpointer.save_best(0, variables, meta)
-  finally:
-    checkpointer.close()
+  _write_workdir(workdir, config, variables, meta)
   return {'workdir': workdir, 'model': config.model,
           'image_size': list(config.image_size),
           'flatten_dropout_rate': config.flatten_dropout_rate,

@@ -64,6 +64,25 @@ def _try_create(path: str, record: dict) -> bool:
   return True
 
 
+# A lock file younger than this that cannot be read is one whose holder has
+# not finished writing it yet.
+FRESH_SECONDS = 10.0
+
+
+def _unreadable(path: str, what: str) -> str:
+  """The message for a lock file that exists but holds no readable record."""
+  try:
+    age = time.time() - os.path.getmtime(path)
+  except OSError:
+    age = 0.0
+  if age < FRESH_SECONDS:
+    return (f'{what} is being locked by another process right now (its lock '
+            f'file {path} is not written yet); try again in a few seconds.')
+  return (f'{what} has a lock file {path} that names no process (written '
+          f'{age:.0f} s ago, unreadable); if no run is using {what}, delete '
+          'it.')
+
+
 def acquire(path: str, what: str) -> dict:
   """Creates lock file `path` for this process; returns its record.
 
@@ -79,6 +98,8 @@ def acquire(path: str, what: str) -> dict:
     holder = read_holder(path)
     if holder is None:       # Released meanwhile: try again.
       continue
+    if not holder:
+      raise LockedError(_unreadable(path, what))
     same_host = holder.get('host') == record['host']
     pid = holder.get('pid')
     if same_host and isinstance(pid, int) and pid == os.getpid():

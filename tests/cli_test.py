@@ -67,3 +67,46 @@ def test_missing_config_file_is_one_line():
   assert bad.returncode == 2
   assert bad.stderr.count('\n') == 1 and 'Traceback' not in bad.stderr
   assert f'cannot load --config={CONFIGS}/nosuch.py: [Errno 2]' in bad.stderr
+
+
+@pytest.mark.parametrize('error,needle', [
+    (OSError(28, 'No space left on device', '/out/x.csv'),
+     '/out/x.csv: No space left on device (the disk is full'),
+    (IsADirectoryError(21, 'Is a directory', '/images'),
+     '/images: Is a directory (it is a directory: give a file path)'),
+    (PermissionError(13, 'Permission denied', '/ro/x.onnx'),
+     '/ro/x.onnx: Permission denied (no permission'),
+    (ValueError('tensorstore write failed: No space left on device [x]'),
+     'No space left on device while writing (tensorstore'),
+])
+def test_disk_and_path_errors_are_one_line(capsys, error, needle):
+  with pytest.raises(SystemExit) as e:
+    with cli.user_errors('prog.py'):
+      try:
+        raise error
+      except Exception as inner:
+        raise RuntimeError('wrapped by a library') from inner
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and needle in err
+
+
+def test_file_in_the_way_of_a_folder(capsys, tmp_path):
+  blocker = tmp_path / 'afile'
+  blocker.write_text('x')
+  with pytest.raises(SystemExit):
+    with cli.user_errors('prog.py'):
+      os.makedirs(blocker)
+  assert f'{blocker} is a file where a folder is needed' in (
+      capsys.readouterr().err)
+  with pytest.raises(SystemExit):
+    with cli.user_errors('prog.py'):
+      os.makedirs(blocker / 'sub')
+  assert 'a part of the path is a file, not a folder' in (
+      capsys.readouterr().err)
+
+
+def test_other_os_errors_keep_their_traceback():
+  with pytest.raises(ConnectionResetError):
+    with cli.user_errors('prog.py'):
+      raise ConnectionResetError(104, 'reset')

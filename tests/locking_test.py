@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,3 +52,17 @@ def test_lock_of_another_host_is_refused(tmp_path):
     json.dump({'host': 'elsewhere', 'pid': 1, 'started': 0}, f)
   with pytest.raises(locking.LockedError, match='host elsewhere'):
     locking.acquire(path, 'x')
+
+
+def test_unwritten_lock_is_busy_and_an_old_garbage_one_is_named(tmp_path):
+  path = str(tmp_path / 'lock')
+  open(path, 'w').close()                   # Created, not yet written.
+  with pytest.raises(locking.LockedError, match='try again in a few') as e:
+    locking.acquire(path, 'workdir w')
+  assert 'delete' not in str(e.value)
+  old = time.time() - 60
+  os.utime(path, (old, old))
+  with pytest.raises(locking.LockedError,
+                     match='names no process.*if no run is using workdir w, '
+                     'delete it'):
+    locking.acquire(path, 'workdir w')
