@@ -39,7 +39,9 @@ def fit_temperature(logits, labels) -> float:
 
   The loss is convex in 1/T, so unimodal in log T: a bounded Brent search
   over log T finds it to ~1e-7 relative. All-zero logits give 1.0 (every T
-  fits them equally).
+  fits them equally), and so do logits that classify every example right:
+  there the loss falls without end as T -> 0, and a split with no mistake
+  says nothing about how sure the model should be.
   """
   z = np.asarray(logits, np.float64)
   y = np.asarray(labels, np.float64)
@@ -48,7 +50,7 @@ def fit_temperature(logits, labels) -> float:
                      'equal-length, non-empty vectors')
   if not np.isfinite(z).all():
     raise ValueError('logits must be finite')
-  if not z.any():
+  if not z.any() or ((2.0 * y - 1.0) * z > 0).all():
     return 1.0
 
   def loss(log_t):

@@ -76,7 +76,8 @@ class Checkpointer:
     output with ``.sharding`` set, or a concrete state); ``check(loop)``
     raises for loop bookkeeping that cannot be used. A newer step that fails
     to restore (a truncated or damaged file, unreadable loop metadata) while
-    an older one restores is moved aside to ``<step>.corrupt-<time>`` with a
+    an older one restores is moved to ``checkpoints.corrupt/<step>-<time>``
+    (`set_aside`) with a
     warning naming it and the reason: one lost step, not the run. When no
     step restores nothing is moved and a UserError names the newest step and
     its reason.
@@ -131,11 +132,16 @@ def error_line(error: BaseException) -> str:
 
 
 def set_aside(path) -> str:
-  """Renames a damaged checkpoint folder to `<path>.corrupt-<time>` (host 0;
-  every process waits for it) and returns the new name."""
-  target = f'{path}.corrupt-{time.strftime("%Y%m%d-%H%M%S")}'
+  """Moves a damaged checkpoint folder `<dir>/<step>` to
+  `<dir>.corrupt/<step>-<time>` (host 0; every process waits for it) and
+  returns the new name. Outside `<dir>`, so orbax never reads it as a step."""
+  path = str(path)
+  target = os.path.join(f'{os.path.dirname(path)}.corrupt',
+                        f'{os.path.basename(path)}-'
+                        f'{time.strftime("%Y%m%d-%H%M%S")}')
   if jax.process_index() == 0:
-    os.rename(str(path), target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(path, target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'set_aside {path}')

@@ -346,6 +346,9 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
   """
   config, builder, mesh = open_split(workdir, data_dir, split, batch_size,
                                      mesh)
+  output_dir = output_dir or os.path.join(workdir, f'eval_{_slug(split)}')
+  if jax.process_index() == 0:   # A folder that cannot be made fails first.
+    os.makedirs(output_dir, exist_ok=True)
   stored = tuple(input_pipeline.stored_image_size(builder))
   wanted = tuple(config.image_size)
   if stored != wanted and jax.process_index() == 0:
@@ -370,10 +373,8 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
                 data_dir=config.data_dir, split=split,
                 dataset_image_size=list(stored), model_image_size=list(wanted),
                 resized=stored != wanted, num_wrong=worst.count)
-  output_dir = output_dir or os.path.join(workdir, f'eval_{_slug(split)}')
   files = {}
   if jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
     files = _write_outputs(report, worst, output_dir)
   report['files'] = files
   report['output_dir'] = output_dir

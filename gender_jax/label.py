@@ -526,14 +526,14 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
       labels file, a CSV made with other arguments; locking.LockedError:
       another run is writing `output_csv`.
   """
+  if engine not in ENGINES or (engine == 'ray' and predictor is not None):
+    raise LabelError(f'engine={engine!r}: expected one of {ENGINES} (and no '
+                     'ready predictor with engine=ray).')
   config = _read_config(workdir)
   _check_inputs(images_dir, labels, output_csv)
   framing, framing_line = resolve_framing(config, resize, boxes, box_margin)
   outputs = output_paths(output_csv)
   os.makedirs(os.path.dirname(os.path.abspath(output_csv)), exist_ok=True)
-  if engine not in ENGINES or (engine == 'ray' and predictor is not None):
-    raise LabelError(f'engine={engine!r}: expected one of {ENGINES} (and no '
-                     'ready predictor with engine=ray).')
   with locking.hold(outputs['lock'], f'label output {output_csv}'):
     if engine == 'ray':
       from gender_jax import label_ray  # pylint: disable=g-import-not-at-top

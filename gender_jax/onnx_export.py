@@ -31,6 +31,7 @@ from onnx import helper
 from onnx import numpy_helper
 from onnx import TensorProto
 
+from gender_jax import fileio
 from gender_jax import models
 
 OPSET = 17          # ONNX Runtime >= 1.13 runs it.
@@ -167,7 +168,7 @@ def export_workdir(workdir: str, output: str, *,
       'p(male) of RGB faces.')
   directory = os.path.dirname(os.path.abspath(output))
   os.makedirs(directory, exist_ok=True)
-  onnx.save(model, output)
+  fileio.write_atomic(output, model.SerializeToString())
   return {'output': output, 'image_size': list(config.image_size),
           'input_dtype': input_dtype, 'opset': OPSET,
           'bytes': os.path.getsize(output), 'step': meta.get('step'),

@@ -74,9 +74,11 @@ def test_fit_recovers_a_known_temperature(true_temperature):
 
 def test_fit_edge_cases():
   assert calibration.fit_temperature(np.zeros(4), [0, 1, 0, 1]) == 1.0
-  # Separable: the sharpest temperature allowed.
-  assert calibration.fit_temperature([-1., 1.], [0, 1]) == pytest.approx(
-      calibration.MIN_TEMPERATURE, rel=1e-3)
+  # No mistake on the split: no evidence for any other temperature.
+  assert calibration.fit_temperature([-1., 1.], [0, 1]) == 1.0
+  # One mistake among confident right answers: sharper than 1, inside range.
+  fitted = calibration.fit_temperature([-3., -2., 2., 3., -0.5], [0, 0, 1, 1, 1])
+  assert calibration.MIN_TEMPERATURE < fitted < 1.0
   with pytest.raises(ValueError, match='equal-length'):
     calibration.fit_temperature(np.ones(3), np.ones(2))
   with pytest.raises(ValueError, match='finite'):

@@ -107,10 +107,11 @@ def test_damaged_latest_step_falls_back_to_the_one_before(tmp_path, part, how):
   restored, loop = ckpt.restore_latest(jax.tree.map(jnp.zeros_like, older))
   assert loop == {'epoch': 1} and _equal(restored, older)
   assert ckpt.latest_step() == 3
-  ckpt.save_latest(4, older, {'epoch': 1})    # The run goes on from there.
+  ckpt.save_latest(5, newer, {'epoch': 2})    # The run goes on from there.
   ckpt.close()
-  names = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
-  assert names[:2] == ['3', '4'] and names[2].startswith('5.corrupt-')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '5']
+  aside = os.listdir(os.path.join(workdir, 'checkpoints.corrupt'))
+  assert len(aside) == 1 and aside[0].startswith('5-')
 
 
 def test_bad_loop_state_and_nothing_restorable(tmp_path):

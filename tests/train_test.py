@@ -346,7 +346,8 @@ def test_killed_run_resumes_at_the_right_step(data_dir, tmp_path,
     damage(os.path.join(checkpoints, '8', 'state'))
   resumed = train.train_and_evaluate(config, killed)
   assert [h['step'] for h in resumed['history']] == [6, 12]
-  assert bool(glob.glob(os.path.join(checkpoints, '8.corrupt-*'))) == damaged
+  assert bool(glob.glob(os.path.join(killed, 'checkpoints.corrupt',
+                                     '8-*'))) == damaged
   ckpt = checkpointing.Checkpointer(killed)
   assert ckpt.latest_step() == 12
   ckpt.close()
