@@ -250,3 +250,21 @@ def test_script_imports_and_fails_in_one_line(reference, tmp_path):
   assert bad.stderr.strip().splitlines()[-1].startswith(
       'import_keras.py: error:')
   assert 'does not exist' in bad.stderr
+
+
+def test_failed_import_leaves_nothing_that_blocks_its_rerun(
+    reference, tmp_path, monkeypatch):
+  model = keras_model(reference, dropout_rate=0.3, seed=2)
+  workdir = str(tmp_path / 'w')
+
+  def disk_full(self, step, variables, meta):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save_best', disk_full)
+  with pytest.raises(OSError):
+    keras_import.import_keras('model.keras', workdir, _config(), model=model)
+  assert os.listdir(tmp_path) == []         # No half workdir, no temporary.
+  monkeypatch.undo()
+  summary = keras_import.import_keras('model.keras', workdir, _config(),
+                                      model=model)
+  assert summary['num_params'] == 975_329
+  assert sorted(os.listdir(workdir)) == ['best', 'config.json']

@@ -367,6 +367,8 @@ def test_script_user_errors_are_one_line_exit_2(workdir, images, tmp_path):
       'unexpected arguments': ok + ['extra'],
       '--boxes: ': ok + [f'--boxes={tmp_path / "none.csv"}'],
       'resize': ok + ['--resize=fit'],
+      'is a directory: give the path of the CSV': ok[:2] + [
+          f'--output={images_dir}'],
       'in use by pid': ok,
   }
   # No JAX_PLATFORMS: these errors come before JAX probes any backend.
