@@ -41,6 +41,11 @@ def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
 
 
+def _drop_step(manager: ocp.CheckpointManager, step: int) -> None:
+  if step in manager.all_steps():
+    manager.delete(step)
+
+
 class Checkpointer:
   """Saves/restores the latest train state and the best model of a workdir."""
 
@@ -61,7 +66,10 @@ class Checkpointer:
       self._config = None
 
   def save_latest(self, step: int, state: Any, loop: dict) -> None:
+    """Saves the train state of `step`, replacing one saved before (a run
+    resumed from an older step after a damaged one replays the same steps)."""
     self._write_config_once()
+    _drop_step(self._latest, step)
     self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop)),
         force=True)
@@ -112,7 +120,9 @@ class Checkpointer:
     return None
 
   def save_best(self, step: int, variables: Any, meta: dict) -> None:
+    """Saves the best model, replacing one of the same step (as save_latest)."""
     self._write_config_once()
+    _drop_step(self._best, step)
     model = {'params': variables['params'],
              'batch_stats': variables['batch_stats']}
     self._best.save(step, args=ocp.args.Composite(

@@ -145,3 +145,20 @@ def test_damaged_best_model_is_one_line_naming_it(tmp_path):
   assert '\n' not in message
   assert os.path.join(workdir, 'best', '3') in message
   assert '--checkpoint=latest' in message
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+  """A run resumed from an older step replays steps it had saved."""
+  workdir = str(tmp_path / 'w')
+  config, first, state = _state(3)
+  _, second, state2 = _state(4)
+  checkpointing.write_config(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir)
+  for variables, train_state in ((first, state), (second, state2)):
+    ckpt.save_latest(6, train_state, {'epoch': 1})
+    ckpt.save_best(6, variables, {'epoch': 1})
+  restored, _ = ckpt.restore_latest(jax.tree.map(jnp.zeros_like, state))
+  ckpt.close()
+  assert _equal(restored, state2)
+  best, _ = checkpointing.restore_best(workdir)
+  assert _equal(best, {k: second[k] for k in ('params', 'batch_stats')})
