@@ -13,6 +13,7 @@ loaded with `tfds.builder_from_directory`.
 """
 
 import os
+import re
 
 from typing import List, Optional, Sequence
 
@@ -128,8 +129,11 @@ class DataError(errors.UserError):
   """A damaged dataset file; the message names it and how to remake it."""
 
 
-def _first_line(error: BaseException) -> str:
-  lines = str(error).strip().splitlines()
+def _first_line(error) -> str:
+  """The first line of an error's text, without TensorFlow's op decorations
+  ('{{function_node ...}}', '[Op:IteratorGetNext] name:')."""
+  text = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:[^\]]*\].*', '', str(error))
+  lines = text.strip().splitlines()
   return lines[0][:300] if lines else ''
 
 
