@@ -57,7 +57,7 @@ _LABELS = flags.DEFINE_string(
     "'folders' for a Male/Female folder layout (used automatically when every "
     'image is under such a folder).')
 _RUNTIME = flags.DEFINE_enum(
-    'runtime', 'jax', ['jax', 'onnxruntime'], 'Inference runtime: JAX, or the '
+    'runtime', 'jax', predict.RUNTIMES, 'Inference runtime: JAX, or the '
     'exported ONNX model under ONNX Runtime (needs the onnx extra; '
     '--mc_samples=1 only).')
 _TTA = flags.DEFINE_enum(
