@@ -15,7 +15,7 @@ loaded with `tfds.builder_from_directory`.
 import os
 import re
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -121,7 +121,7 @@ def load_builder(data_dir: str, name: str = NAME,
     # TFDS raises JSON, protobuf or KeyError for damaged metadata files.
     raise DataError(
         f'the dataset metadata in {path} cannot be read ({type(e).__name__}: '
-        f'{_first_line(e)}); remake the dataset with scripts/prepare_data.py '
+        f'{first_line(e)}); remake the dataset with scripts/prepare_data.py '
         '--overwrite.') from e
 
 
@@ -129,12 +129,25 @@ class DataError(errors.UserError):
   """A damaged dataset file; the message names it and how to remake it."""
 
 
-def _first_line(error) -> str:
+def first_line(error) -> str:
   """The first line of an error's text, without TensorFlow's op decorations
   ('{{function_node ...}}', '[Op:IteratorGetNext] name:')."""
   text = re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:[^\]]*\].*', '', str(error))
   lines = text.strip().splitlines()
   return lines[0][:300] if lines else ''
+
+
+def read_records(path: str) -> Tuple[int, Optional[str]]:
+  """(records, None) for a sound TFRecord file; (records read, why) for one
+  that is unreadable or corrupt (TFRecord CRC)."""
+  count = 0
+  try:
+    for _ in tf.data.TFRecordDataset(path):
+      count += 1
+  except tf.errors.OpError as e:
+    return count, (f'{type(e).__name__} after {count} records '
+                   f'({first_line(e.message)})')
+  return count, None
 
 
 def shard_problems(builder: tfds.core.DatasetBuilder,
@@ -147,15 +160,10 @@ def shard_problems(builder: tfds.core.DatasetBuilder,
     info = builder.info.splits[split]
     for name, expected in zip(info.filenames, info.shard_lengths):
       path = os.path.join(builder.data_dir, name)
-      count = 0
-      try:
-        for _ in tf.data.TFRecordDataset(path):
-          count += 1
-      except tf.errors.OpError as e:
-        problems.append(f'{path}: {type(e).__name__} after {count} records '
-                        f'({_first_line(e.message)})')
-        continue
-      if count != expected:
+      count, problem = read_records(path)
+      if problem:
+        problems.append(f'{path}: {problem}')
+      elif count != expected:
         problems.append(f'{path}: {count} records, the metadata says '
                         f'{expected}')
   return problems
@@ -168,7 +176,7 @@ def damage_error(builder: tfds.core.DatasetBuilder, split: str,
   stored = [s.split('[')[0].strip() for s in split.split('+')]
   problems = shard_problems(builder, stored)
   where = ('; '.join(problems) if problems else
-           f'{type(error).__name__}: {_first_line(error)}')
+           f'{type(error).__name__}: {first_line(error)}')
   return DataError(
       f'reading split {split!r} of {builder.data_dir} failed: {where}. Remake '
       'the dataset with scripts/prepare_data.py --overwrite (check every '

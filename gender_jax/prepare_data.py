@@ -33,8 +33,10 @@ are skipped, logged and counted.
 """
 
 import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
+import io
 import logging
 import math
 import multiprocessing
@@ -43,7 +45,6 @@ import random
 import re
 import shutil
 import signal
-import struct
 import threading
 import time
 from typing import Dict, Optional, Sequence
@@ -135,23 +136,16 @@ class _ShardTask:
   framing: _Framing
 
 
-_PROGRESS_EVERY = 50   # Images between progress reports from a worker.
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_worker_progress = None
 
 
-def _write_shard(task: _ShardTask, report=None):
-  """Decodes, frames and writes one shard; returns (task, counts, skipped).
-
-  `report(n)` is called every few images with the number done since the last
-  call (default: the worker's progress queue, if any).
-  """
-  report = report or (_worker_progress.put if _worker_progress else None)
+def _write_shard(task: _ShardTask):
+  """Decodes, frames and writes one shard; returns (task, counts, skipped)."""
   counts = [0] * len(labels.CLASS_NAMES)
   skipped = []
   framing = task.framing
   with tf.io.TFRecordWriter(task.path) as writer:
-    for i, (path, label, box) in enumerate(task.items, 1):
+    for path, label, box in task.items:
       image, reason = image_io.decode(path, framing.image_size, framing.resize,
                                       box, framing.box_margin)
       if image is None:
@@ -159,8 +153,6 @@ def _write_shard(task: _ShardTask, report=None):
       else:   # Write errors (disk full...) abort the run instead.
         writer.write(_example(dataset.serialize_image(image), label))
         counts[label] += 1
-      if report and (i % _PROGRESS_EVERY == 0 or i == len(task.items)):
-        report(i % _PROGRESS_EVERY or _PROGRESS_EVERY)
   return task, counts, skipped
 
 
@@ -182,10 +174,8 @@ def _die_with_parent(parent_pid: int) -> None:
     os._exit(1)  # pylint: disable=protected-access
 
 
-def _init_worker(progress_queue, parent_pid: int):
-  global _worker_progress
+def _init_worker(parent_pid: int):
   _die_with_parent(parent_pid)
-  _worker_progress = progress_queue
   tf.config.set_visible_devices([], 'GPU')
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -193,33 +183,27 @@ def _init_worker(progress_queue, parent_pid: int):
 
 def _run_tasks(tasks, num_workers: int, total: int, show_progress: bool):
   """Yields `_write_shard` results as shards finish, in parallel processes
-  when asked."""
+  when asked; the progress bar moves by a shard's images as it finishes."""
   bar = tqdm.tqdm(total=total, unit='img', disable=not show_progress,
                   desc='prepare', smoothing=0.1)
   with bar:
     if num_workers <= 1 or len(tasks) <= 1:
-      for task in tasks:
-        yield _write_shard(task, bar.update)
-      return
-    # 'spawn': workers must not inherit the parent's running TF runtime.
-    context = multiprocessing.get_context('spawn')
-    progress = context.Queue()
-    pool = concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=context, initializer=_init_worker,
-        initargs=(progress, os.getpid()))
+      results = map(_write_shard, tasks)
+      pool = None
+    else:
+      # 'spawn': workers must not inherit the parent's running TF runtime.
+      pool = concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=multiprocessing.get_context('spawn'),
+          initializer=_init_worker, initargs=(os.getpid(),))
+      results = (future.result() for future in concurrent.futures.as_completed(
+          [pool.submit(_write_shard, t) for t in tasks]))
     try:
-      pending = {pool.submit(_write_shard, t) for t in tasks}
-      while pending:
-        done, pending = concurrent.futures.wait(
-            pending, timeout=0.25,
-            return_when=concurrent.futures.FIRST_COMPLETED)
-        while not progress.empty():
-          bar.update(progress.get())
-        for future in done:
-          yield future.result()
-      bar.update(bar.total - bar.n)   # Reports still queued when all ended.
+      for result in results:
+        bar.update(len(result[0].items))
+        yield result
     finally:
-      pool.shutdown(cancel_futures=True)
+      if pool is not None:
+        pool.shutdown(cancel_futures=True)
 
 
 def _shard_name(split: str, index: int, total: int) -> str:
@@ -394,27 +378,6 @@ def verify(data_dir: str) -> str:
 # ------------------------------------------------------- original TFRecords
 
 
-def _count_records(path: str) -> int:
-  """Counts TFRecord records by their length headers, without reading data."""
-  count, size = 0, os.path.getsize(path)
-  with open(path, 'rb') as f:
-    pos = 0
-    while pos < size:
-      header = f.read(8)
-      if len(header) < 8:
-        raise LayoutError(f'{path}: truncated TFRecord file (at byte {pos}); '
-                          'copy it again or remove it.')
-      (length,) = struct.unpack('<Q', header)
-      pos += 8 + 4 + length + 4
-      if pos > size:
-        raise LayoutError(f'{path}: truncated TFRecord file (record {count} '
-                          f'needs {pos} bytes, file has {size}); copy it '
-                          'again or remove it.')
-      f.seek(pos)
-      count += 1
-  return count
-
-
 def _first_record(path: str):
   """(image shape, label) of a shard's first record, parsed like TFDS does."""
   raw = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
@@ -473,36 +436,23 @@ def wrap_tfrecords(tfrecord_dir: str, data_dir: str, copy: bool = False,
   files = find_tfrecord_files(tfrecord_dir)
   tmp = _make_tmp(final)
   try:
-    image_size, shard_lengths = None, {}
-    counts = {s: dict.fromkeys(labels.CLASS_NAMES, 0) for s in files}
+    image_size = None
     for split, shards in files.items():
-      shard_lengths[split] = []
       for i, (cls, path) in enumerate(shards):
-        n = _count_records(path)
-        first = _first_record(path)
-        if first:
-          size, label = first
-          if image_size is None:
-            image_size = tuple(size)
-          if tuple(size) != image_size:
-            raise LayoutError(
-                f'{path}: images are {size[0]}x{size[1]}, other shards '
-                f'{image_size[0]}x{image_size[1]}; one dataset has one image '
-                'size: remove the odd shards.')
-          if labels.CLASS_NAMES[label] != cls:
-            raise LayoutError(f'{path}: the name says {cls} but the first '
-                              f'record has label {label} '
-                              f'({labels.CLASS_NAMES[label]}); rename it.')
+        image_size = _check_first_record(path, cls, image_size)
         target = os.path.join(tmp, _shard_name(split, i, len(shards)))
         if copy:
           shutil.copyfile(path, target)
         else:
           os.symlink(os.path.abspath(path), target)
-        shard_lengths[split].append(n)
-        counts[split][cls] += n
     if image_size is None:
       raise LayoutError(f'{tfrecord_dir}: every shard is empty.')
-    _write_metadata(tmp, image_size, shard_lengths,
+    split_infos = _compute_split_infos(tmp, files)
+    counts = {s: dict.fromkeys(labels.CLASS_NAMES, 0) for s in files}
+    for info in split_infos:
+      for (cls, _), n in zip(files[info.name], info.shard_lengths):
+        counts[info.name][cls] += n
+    _write_metadata(tmp, image_size, split_infos,
                     source=f'original TFRecord shards in {tfrecord_dir}')
     _commit(tmp, final)
   except BaseException:
@@ -511,19 +461,64 @@ def wrap_tfrecords(tfrecord_dir: str, data_dir: str, copy: bool = False,
   return PrepareResult(final, image_size, counts, [], time.time() - start)
 
 
+def _check_first_record(path: str, cls: str, image_size):
+  """The shards' image size, checked against `path`'s first record (which
+  must also have the label `cls`, the class in its name); None while every
+  shard so far is empty."""
+  first = _first_record(path)
+  if not first:
+    return image_size
+  size, label = first
+  if image_size is not None and tuple(size) != tuple(image_size):
+    raise LayoutError(
+        f'{path}: images are {size[0]}x{size[1]}, other shards '
+        f'{image_size[0]}x{image_size[1]}; one dataset has one image '
+        'size: remove the odd shards.')
+  if labels.CLASS_NAMES[label] != cls:
+    raise LayoutError(f'{path}: the name says {cls} but the first '
+                      f'record has label {label} '
+                      f'({labels.CLASS_NAMES[label]}); rename it.')
+  return tuple(size)
+
+
+def _compute_split_infos(tmp: str, files: dict) -> list:
+  """TFDS's split infos (records and bytes per shard) of the shards linked
+  into `tmp` (`tfds.folder_dataset.compute_split_info` reads every record);
+  a LayoutError names each original shard that cannot be read."""
+  template = tfds.core.ShardedFileTemplate(
+      data_dir=tfds.core.Path(tmp), dataset_name=dataset.NAME,
+      template='{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}',
+      filetype_suffix='tfrecord')
+  try:
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+      infos = tfds.folder_dataset.compute_split_info(
+          filename_template=template)
+  except tf.errors.OpError as e:
+    damaged = [f'{path}: {problem}' for shards in files.values()
+               for _, path in shards
+               for problem in [dataset.read_records(path)[1]] if problem]
+    raise LayoutError('damaged TFRecord shard(s): ' + '; '.join(
+        damaged or [dataset.first_line(e)]) + '; copy them again or remove '
+                      'them.') from e
+  log.info('%s', printed.getvalue().strip())
+  return list(infos)
+
+
 # ------------------------------------------------------- metadata & commit
 
 
-def _write_metadata(path: str, image_size, shard_lengths: dict,
-                    source: str, extra: Optional[dict] = None) -> None:
+def _write_metadata(path: str, image_size, split_infos, source: str,
+                    extra: Optional[dict] = None) -> None:
   """Writes dataset_info.json, features.json and (with `extra`, e.g. the
-  sources and their counts) metadata.json beside the shards."""
-  split_infos = []
-  for split, lengths in shard_lengths.items():
-    num_bytes = sum(os.path.getsize(os.path.join(path, _shard_name(
-        split, i, len(lengths)))) for i in range(len(lengths)))
-    split_infos.append(tfds.core.SplitInfo(
-        name=split, shard_lengths=list(lengths), num_bytes=num_bytes))
+  sources and their counts) metadata.json beside the shards.
+  `split_infos`: `tfds.core.SplitInfo`s, or {split: [records per shard]}
+  (bytes are read from the shards)."""
+  if isinstance(split_infos, dict):
+    split_infos = [tfds.core.SplitInfo(
+        name=split, shard_lengths=list(lengths),
+        num_bytes=sum(os.path.getsize(os.path.join(path, _shard_name(
+            split, i, len(lengths)))) for i in range(len(lengths))))
+                   for split, lengths in split_infos.items()]
   tfds.folder_dataset.write_metadata(
       data_dir=path, features=dataset.features(image_size),
       split_infos=split_infos, version=dataset.VERSION, check_data=False,

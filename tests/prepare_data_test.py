@@ -685,3 +685,15 @@ def test_verify_reads_every_record(tmp_path):
     f.truncate(os.path.getsize(shard) - 5)
   with pytest.raises(dataset.DataError, match=f'1 damaged shard.*{shard}'):
     prepare_data.verify(str(tmp_path))
+
+
+def test_wrap_names_a_truncated_shard(tmp_path):
+  folder = str(tmp_path / 'orig')
+  _write_original_shards(folder, np.random.default_rng(0))
+  shard = os.path.join(folder, 'train_male.tfrecord-02-of-02')
+  with open(shard, 'rb+') as f:
+    f.truncate(os.path.getsize(shard) - 10)
+  with pytest.raises(prepare_data.LayoutError,
+                     match=r'train_male.tfrecord-02-of-02: DataLossError'):
+    prepare_data.wrap_tfrecords(folder, str(tmp_path / 'out'))
+  assert not os.path.exists(str(tmp_path / 'out' / 'gender_faces' / '1.0.0'))
