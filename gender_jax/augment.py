@@ -1,50 +1,24 @@
-"""The original stage-1 augmentation as a pure JAX function.
+"""The original stage-1 augmentation as a pure JAX function, and more.
 
-Reproduces the Keras 3 preprocessing layers of the original, in their order,
-on images in the 0..255 range:
+`augment_batch` reproduces the Keras 3 preprocessing layers of the original,
+in their order, on images in the 0..255 range, and returns float32:
 
   RandomFlip('horizontal') -> RandomRotation(0.1) -> RandomZoom(0.01)
   -> RandomTranslation(0.05, 0.05) -> RandomBrightness(0.5, (0, 255))
 
-Each geometric layer is its own bilinear resampling with Keras' default
-``fill_mode='reflect'``, computed the way TensorFlow's
-``ImageProjectiveTransformV3`` does (the kernel Keras calls): the inverse affine
-map gives each output pixel a source coordinate, which is reflected into the
-image (``d c b a | a b c d | d c b a``) and clamped before interpolation.
-Brightness adds one random offset per image and clips to 0..255. Every example
-gets its own random parameters from its own key (``vmap``), so the result does
-not depend on how the batch is sharded. Returns float32.
+Geometric layers resample bilinearly with Keras' `fill_mode='reflect'`, as
+TensorFlow's `ImageProjectiveTransformV3` does. Every example draws its own
+parameters from its own key, so results do not depend on sharding.
+`config.aug.resampling` picks 'single' (default: the three maps composed
+into one resampling; equal to the chain wherever no layer reflected) or
+'chain' (the three Keras resamplings, pixel-exact with `keras.layers`).
 
-Two resamplings (``config.aug.resampling``), drawing the same parameters from
-the same keys, so the same distribution of rotations, zooms, shifts, flips and
-brightness offsets:
-
-* 'single' (the default): the three maps are composed into one affine map and
-  the image is resampled once. The geometry is the chain's; the image is
-  interpolated once instead of three times (a little sharper), and
-  coordinates outside the image are reflected once, about the original
-  image's edges, where the chain reflects after each layer. Three times
-  cheaper, and equal to the chain wherever no layer reflected (tested).
-* 'chain': the three resamplings of the Keras layers, pixel-exact with Keras
-  (tested per layer against `keras.layers`).
-
-Beyond the original, for faces unlike CelebA's crops (`configs/robust.py`),
-each off by default (then the program, and so its output, is the original's):
-
-  random framing (`scale_min`..`scale_max`: one more affine map, composed
-  into the single resampling or a fourth one in the chain) -> brightness
-  -> contrast, saturation, hue -> grayscale -> Gaussian blur
-  -> down-up scaling (a low-resolution face) -> clip to 0..255
-
-The colour ops are `dm_pix`'s. Blur and down-up scaling are per-example
-(H, H) and (W, W) matrices, applied as two matmuls (the down-up ones made by
-`jax.image.scale_and_translate`): `dm_pix.gaussian_blur`, a depthwise
-convolution with a per-example kernel, took ~0.5 s a 64x112x96 batch on
-XLA:CPU, the matmuls ~10 ms. The new ops' keys come from
-``fold_in(key, ...)``, apart from the original layers' six-way split, so
-they never change the original's draws. With any of them on,
-`augment_batch` runs in stages (draws, resampling, the other
-ops), each computed before the next reads it (`_computed_first`).
+For faces unlike CelebA's crops (`configs/robust.py`) it adds, each off by
+default (the program is then the original's): random framing
+(`scale_min`..`scale_max`), contrast, saturation and hue (`dm_pix`),
+grayscale, Gaussian blur and down-up scaling (per-axis matrices, as
+matmuls). Their keys are folded apart from the original's, so turning them on
+never changes the original layers' draws.
 """
 
 import functools
@@ -404,20 +378,16 @@ def augment_batch(rng: jax.Array, images: jnp.ndarray,
                   aug: Optional[ml_collections.ConfigDict] = None) -> jnp.ndarray:
   """Augments (N, H, W, 3) images, one key per example; returns float32.
 
-  ``aug`` (``config.aug``) holds the Keras factors, the resampling and the
-  robust ops' factors (`FIELDS`; a missing field takes its default, which
-  for the robust ops is off); None uses the original's factors with the
-  default 'single' resampling. Example i is `augment_image` of its image
-  with key i of `rng`'s split.
+  ``aug`` (``config.aug``) holds every field of `FIELDS`: the Keras
+  factors, the resampling and the robust ops' factors; None uses the
+  original's factors with the 'single' resampling and the robust ops off.
+  Example i is `augment_image` of its image with key i of `rng`'s split.
   """
-  factors = {} if aug is None else {
-      name: type(default)(aug.get(name, default))
-      for name, default in FIELDS.items()}
-  photometric = {name: factors.pop(name) for name in _PHOTOMETRIC_FIELDS
-                 if name in factors}
+  factors = dict(FIELDS) if aug is None else {
+      name: type(default)(aug[name]) for name, default in FIELDS.items()}
+  photometric = {name: factors.pop(name) for name in _PHOTOMETRIC_FIELDS}
   keys = jax.random.split(rng, images.shape[0])
-  if not (_framing_on(factors.get('scale_min', 1.0),
-                      factors.get('scale_max', 1.0))
+  if not (_framing_on(factors['scale_min'], factors['scale_max'])
           or _photometric_on(photometric)):
     # The original's program, unchanged.
     return jax.vmap(lambda k, x: augment_image(k, x, **factors))(keys, images)

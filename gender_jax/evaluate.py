@@ -389,29 +389,30 @@ def _slug(split: str) -> str:
 def _write_outputs(report: dict, worst: _WorstErrors, output_dir: str):
   """report.json, the PNGs and TensorBoard events (host 0)."""
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  files = {'report': os.path.join(output_dir, 'report.json'),
-           'confusion_matrix': os.path.join(output_dir, 'confusion_matrix.png'),
-           'reliability_diagram': os.path.join(output_dir,
-                                               'reliability_diagram.png')}
-  plots.plot_confusion_matrix(report['confusion_matrix'], labels_lib.CLASS_NAMES,
-                              files['confusion_matrix'])
-  plots.plot_reliability_diagram(report['calibration_bins'], report['ece'],
-                                 files['reliability_diagram'])
   images, labels, p_male = worst.sorted()
-  files['wrong_predictions'] = plots.plot_wrong_predictions(
-      images, labels, p_male, labels_lib.CLASS_NAMES, output_dir,
-      num_wrong_total=worst.count)
+  wrong = plots.wrong_prediction_pages(images, labels, p_male,
+                                       labels_lib.CLASS_NAMES,
+                                       num_wrong_total=worst.count)
+  pictures = {
+      'confusion_matrix': plots.confusion_matrix(report['confusion_matrix'],
+                                                 labels_lib.CLASS_NAMES),
+      'reliability_diagram': plots.reliability_diagram(
+          report['calibration_bins'], report['ece']),
+      'wrong_predictions': wrong[0]}
+  files = {'report': os.path.join(output_dir, 'report.json'),
+           **{k: os.path.join(output_dir, f'{k}.png')
+              for k in ('confusion_matrix', 'reliability_diagram')},
+           'wrong_predictions': plots.wrong_page_paths(output_dir, len(wrong))}
+  for k in ('confusion_matrix', 'reliability_diagram'):
+    plots.write_png(pictures[k], files[k])
+  for page, path in zip(wrong, files['wrong_predictions']):
+    plots.write_png(page, path)
   fileio.write_json(files['report'], {**report, 'files': files})
   writer = metric_writers.create_default_writer(output_dir,
                                                 asynchronous=False)
   step = report['step']
   writer.write_scalars(step, scalar_metrics(report))
-  pictures = {k: files[k] for k in ('confusion_matrix', 'reliability_diagram')}
-  pictures['wrong_predictions'] = files['wrong_predictions'][0]
-  writer.write_images(step, {
-      k: np.asarray(Image.open(p).convert('RGB'))[None]
-      for k, p in pictures.items()})
+  writer.write_images(step, {k: v[None] for k, v in pictures.items()})
   writer.flush()
   writer.close()
   logging.info('Wrote %s', ', '.join(sorted(files)))

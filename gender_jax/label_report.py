@@ -272,7 +272,7 @@ def _plot_candidates(paths: Sequence[str], titles: Sequence[str],
                      png: str, title: str) -> None:
   """A grid of the top mislabel candidates, to look at them."""
   images, _ = image_io.load_images(paths, DISPLAY_SIZE)
-  plots.plot_image_grid(images, titles, png, title)
+  plots.write_png(plots.image_grid(images, titles, title), png)
 
 
 def _folder(path: str) -> str:

@@ -1,21 +1,25 @@
-"""Every matplotlib picture of the project, each written to one PNG.
+"""Every matplotlib picture of the project, as an RGB uint8 (H, W, 3) array.
 
-  plot_confusion_matrix     counts and row shares of a confusion matrix
-  plot_reliability_diagram  accuracy vs confidence per calibration bin
-  plot_image_grid           faces in a grid, each with a title (evaluate's
-                            misclassified faces, label's mislabel candidates)
-  plot_wrong_predictions    misclassified faces, paged into grids
+  confusion_matrix        counts and row shares of a confusion matrix
+  reliability_diagram     accuracy vs confidence per calibration bin
+  image_grid              faces in a grid, each with a title (evaluate's
+                          misclassified faces, label's mislabel candidates)
+  wrong_prediction_pages  misclassified faces, paged into grids
 
+The arrays go to `write_png` and to TensorBoard's `write_images` alike.
 Figures are drawn on matplotlib's Agg canvas without pyplot (no display, no
 global state), and matplotlib is imported only when a picture is drawn. Class
 names are arguments, so this module needs neither TensorFlow nor the dataset.
 """
 
+import io
 import math
 import os
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from gender_jax import fileio
 
 WRONG_PER_PAGE = 30                        # 5 rows x 6 columns.
 
@@ -26,7 +30,23 @@ def _figure(width: float, height: float):
   return Figure(figsize=(width, height), dpi=100, layout='constrained')
 
 
-def plot_confusion_matrix(cm, class_names: Sequence[str], path: str) -> None:
+def _pixels(fig) -> np.ndarray:
+  """The figure rendered: RGB uint8 (H, W, 3)."""
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  canvas = backend_agg.FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def write_png(image: np.ndarray, path: str) -> None:
+  """Writes an RGB uint8 picture to `path` as PNG, whole or not at all."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format='PNG')
+  fileio.write_atomic(path, buffer.getvalue())
+
+
+def confusion_matrix(cm, class_names: Sequence[str]) -> np.ndarray:
   """Counts and their share of the true class; rows true, columns predicted."""
   cm = np.asarray(cm)
   fig = _figure(4.2, 3.6)
@@ -43,11 +63,10 @@ def plot_confusion_matrix(cm, class_names: Sequence[str], path: str) -> None:
   ax.set_xlabel('predicted')
   ax.set_ylabel('true')
   ax.set_title(f'Confusion matrix (n={int(cm.sum())})')
-  fig.savefig(path)
+  return _pixels(fig)
 
 
-def plot_reliability_diagram(bins: Sequence[dict], ece: float,
-                             path: str) -> None:
+def reliability_diagram(bins: Sequence[dict], ece: float) -> np.ndarray:
   """Per-bin accuracy against confidence (bins as `evaluate.calibration_bins`
   makes them), the gap to mean confidence, and the counts below."""
   fig = _figure(4.5, 5.0)
@@ -72,12 +91,12 @@ def plot_reliability_diagram(bins: Sequence[dict], ece: float,
   ax_count.set_yscale('symlog')
   ax_count.set_xlabel('confidence max(p, 1-p)')
   ax_count.set_ylabel('count')
-  fig.savefig(path)
+  return _pixels(fig)
 
 
-def plot_image_grid(images, titles: Sequence[str], path: str, title: str,
-                    cols: int = 6) -> None:
-  """One PNG of `images` (uint8 HxWx3) in a grid, each with its title."""
+def image_grid(images, titles: Sequence[str], title: str,
+               cols: int = 6) -> np.ndarray:
+  """`images` (uint8 HxWx3) in a grid, each with its title."""
   rows = max(1, math.ceil(len(images) / cols))
   lines = max([t.count('\n') + 1 for t in titles] or [1])
   fig = _figure(cols * 1.7, rows * (1.85 + 0.13 * lines) + 0.5)
@@ -89,7 +108,7 @@ def plot_image_grid(images, titles: Sequence[str], path: str, title: str,
     ax.set_title(text, fontsize=8)
     ax.axis('off')
   fig.suptitle(title, fontsize=10)
-  fig.savefig(path)
+  return _pixels(fig)
 
 
 def wrong_page_paths(directory: str, num_pages: int) -> List[str]:
@@ -99,24 +118,25 @@ def wrong_page_paths(directory: str, num_pages: int) -> List[str]:
           for k in range(1, max(num_pages, 1) + 1)]
 
 
-def plot_wrong_predictions(images, labels, p_male, class_names: Sequence[str],
-                           directory: str,
+def wrong_prediction_pages(images, labels, p_male,
+                           class_names: Sequence[str],
                            num_wrong_total: Optional[int] = None,
-                           per_page: int = WRONG_PER_PAGE) -> List[str]:
-  """Grids of misclassified faces (already sorted), `per_page` per PNG.
+                           per_page: int = WRONG_PER_PAGE) -> List[np.ndarray]:
+  """Grids of misclassified faces (already sorted), `per_page` per picture.
 
-  Each face is titled with its rank, true label and p(male). Returns the PNG
-  paths; with no faces, one PNG that says so.
+  Each face is titled with its rank, true label and p(male); with no faces,
+  one picture that says so. Page k goes to `wrong_page_paths(...)[k]`.
   """
   n = len(images)
   total = n if num_wrong_total is None else num_wrong_total
-  paths = wrong_page_paths(directory, math.ceil(n / per_page))
-  for page, path in enumerate(paths):
+  num_pages = max(1, math.ceil(n / per_page))
+  pages = []
+  for page in range(num_pages):
     chunk = range(page * per_page, min(n, (page + 1) * per_page))
-    plot_image_grid(
+    pages.append(image_grid(
         [images[i] for i in chunk],
         [f'#{i + 1} true {class_names[int(labels[i])]}\n'
-         f'p(male)={p_male[i]:.3f}' for i in chunk], path,
-        f'Misclassified, largest error first: page {page + 1}/{len(paths)}, '
-        f'showing {n} of {total}')
-  return paths
+         f'p(male)={p_male[i]:.3f}' for i in chunk],
+        f'Misclassified, largest error first: page {page + 1}/{num_pages}, '
+        f'showing {n} of {total}'))
+  return pages

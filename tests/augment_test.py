@@ -61,8 +61,9 @@ def test_all_factors_zero_is_identity():
 
 
 def _aug(**kw):
+  """A full `config.aug`: the fields' defaults (`augment.FIELDS`), then kw."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(kw)
+  return ml_collections.ConfigDict({**augment.FIELDS, **kw})
 
 
 @pytest.mark.parametrize('angle', [-36.0, -7.5, 0.0, 12.25, 36.0])
@@ -197,7 +198,7 @@ ORIGINAL_DIGESTS = {
 def test_robust_defaults_keep_the_original_output_bit_for_bit(resampling):
   import hashlib  # pylint: disable=g-import-not-at-top
   images = jnp.asarray(_images(4))
-  for aug in (_aug(**dict(augment.FIELDS, resampling=resampling)),
+  for aug in (_aug(resampling=resampling),
               _aug(flip=True, rotation=0.1, zoom=0.01, translation=0.05,
                    brightness=0.5, resampling=resampling)):
     run = jax.jit(lambda k, x, aug=aug: augment.augment_batch(k, x, aug))
@@ -210,7 +211,7 @@ def test_robust_defaults_keep_the_original_output_bit_for_bit(resampling):
 def test_robust_ops_off_trace_nothing_new():
   def jaxpr(**robust):
     return str(jax.make_jaxpr(lambda x: augment.augment_batch(
-        jax.random.key(0), x, _aug(**dict(augment.FIELDS, **robust))))(
+        jax.random.key(0), x, _aug(**robust)))(
             jnp.asarray(_images(2))))
   off = jaxpr()
   assert 'random_fold_in' not in off and 'dot_general' not in off
@@ -350,8 +351,7 @@ def test_framing_draws_log_uniform_scales_in_range():
 
 def test_framing_is_one_more_resampling():
   def gathers(resampling):
-    aug = _aug(**dict(augment.FIELDS, resampling=resampling, scale_min=0.8,
-                      scale_max=1.25))
+    aug = _aug(resampling=resampling, scale_min=0.8, scale_max=1.25)
     return str(jax.make_jaxpr(lambda x: augment.augment_batch(
         jax.random.key(0), x, aug))(jnp.asarray(_images(1)))).count(' gather[')
   assert gathers('single') == 1
@@ -370,7 +370,7 @@ ROBUST = dict(translation=0.08, scale_min=0.8, scale_max=1.25, contrast=0.3,
     ('single', dict(scale_min=0.8, scale_max=1.25))])
 def test_robust_batch_range_determinism_and_batch_independence(resampling,
                                                                factors):
-  aug = _aug(**dict(augment.FIELDS, resampling=resampling, **factors))
+  aug = _aug(resampling=resampling, **factors)
   run = jax.jit(lambda k, x: augment.augment_batch(k, x, aug))
   images = _images(6, seed=5)
   a = np.asarray(run(jax.random.key(7), jnp.asarray(images)))

@@ -1,4 +1,4 @@
-"""Tests for gender_jax.plots: every picture is a valid PNG; paging."""
+"""Tests for gender_jax.plots: pictures as arrays, valid PNGs, paging."""
 
 import os
 
@@ -26,31 +26,43 @@ def assert_png(path):
     assert im.format == 'PNG' and min(im.size) > 100
 
 
-def test_pictures_are_valid_pngs_and_paged(tmp_path):
-  plots.plot_confusion_matrix([[40, 9], [12, 39]], CLASS_NAMES,
-                              str(tmp_path / 'cm.png'))
-  plots.plot_reliability_diagram(bins_of(), 0.0421, str(tmp_path / 'rel.png'))
-  rng = np.random.default_rng(0)
-  faces = rng.integers(0, 255, (65, 24, 20, 3), np.uint8)
-  pages = plots.plot_wrong_predictions(faces, np.ones(65, int),
-                                       np.linspace(0, .4, 65), CLASS_NAMES,
-                                       str(tmp_path), per_page=30)
-  assert [os.path.basename(p) for p in pages] == [
-      'wrong_predictions.png', 'wrong_predictions_2.png',
-      'wrong_predictions_3.png']
-  for path in [tmp_path / 'cm.png', tmp_path / 'rel.png', *pages]:
-    assert_png(path)
-  os.makedirs(tmp_path / 'x')
-  none = plots.plot_wrong_predictions([], [], [], CLASS_NAMES,
-                                      str(tmp_path / 'x'))
-  assert len(none) == 1 and os.path.exists(none[0])
+def assert_picture(image):
+  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+  assert min(image.shape[:2]) > 100 and image.std() > 0   # Something drawn.
 
 
-def test_image_grid_with_multiline_titles(tmp_path):
-  faces = np.zeros((7, 30, 25, 3), np.uint8)
-  path = str(tmp_path / 'grid.png')
-  plots.plot_image_grid(faces, [f'#{i}\na\nb' for i in range(7)], path, 'G')
+def test_pictures_are_arrays_written_as_pngs(tmp_path):
+  cm = plots.confusion_matrix([[40, 9], [12, 39]], CLASS_NAMES)
+  rel = plots.reliability_diagram(bins_of(), 0.0421)
+  for image in (cm, rel):
+    assert_picture(image)
+  path = str(tmp_path / 'cm.png')
+  plots.write_png(cm, path)
   assert_png(path)
   with Image.open(path) as im:
-    width, height = im.size
+    np.testing.assert_array_equal(np.asarray(im.convert('RGB')), cm)
+  assert os.listdir(tmp_path) == ['cm.png']       # No temporary left.
+
+
+def test_wrong_predictions_are_paged():
+  rng = np.random.default_rng(0)
+  faces = rng.integers(0, 255, (65, 24, 20, 3), np.uint8)
+  pages = plots.wrong_prediction_pages(faces, np.ones(65, int),
+                                       np.linspace(0, .4, 65), CLASS_NAMES,
+                                       per_page=30)
+  assert len(pages) == 3
+  for page in pages:
+    assert_picture(page)
+  assert [os.path.basename(p) for p in plots.wrong_page_paths('d', 3)] == [
+      'wrong_predictions.png', 'wrong_predictions_2.png',
+      'wrong_predictions_3.png']
+  none = plots.wrong_prediction_pages([], [], [], CLASS_NAMES)
+  assert len(none) == 1
+  assert_picture(none[0])
+
+
+def test_image_grid_with_multiline_titles():
+  faces = np.zeros((7, 30, 25, 3), np.uint8)
+  height, width, _ = plots.image_grid(faces, [f'#{i}\na\nb' for i in range(7)],
+                                      'G').shape
   assert width > height       # 6 columns, 2 rows.
