@@ -1,7 +1,7 @@
 """Time of the jitted augmentation call: configs/stage1.py against robust.py.
 
 One process: `gender_jax.augment.augment_batch` jitted on a uint8 batch (as
-`train.augment_step` runs it), at 112x96 batch 64 and 218x178 batch 32, for
+`steps.augment_step` runs it), at 112x96 batch 64 and 218x178 batch 32, for
 stage 1's factors, robust.py's, and stage 1 plus each robust op alone (what
 each op costs). Calls are interleaved, warm-up excluded, each number the
 median of --repeats. Prints ms per batch and `robust_ratio=` (robust /

@@ -20,8 +20,11 @@ from gender_jax import cli
 cli.quiet_tensorflow()   # Before the others import TensorFlow.
 from gender_jax import checkpointing  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from gender_jax import dataset  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import evaluate  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from gender_jax import models  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import predict  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from gender_jax import sharding  # pylint: disable=g-import-not-at-top,g-bad-import-order
+from gender_jax import steps  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from gender_jax import train  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
@@ -53,7 +56,7 @@ def main(argv):
         _WORKDIR.value, config, sharding=sharding.replicated(mesh),
         step=_STEP.value)
   builder = dataset.load_builder(config.data_dir, config.dataset)
-  eval_fn = train.make_eval_step(model, mesh)
+  predict_fn = predict.make_predict_fn(model, mesh=mesh)
   print(f'{_WORKDIR.value}: step {meta["step"]}, epoch {meta["epoch"]}, '
         f'augment {config.augment}, batch {config.batch_size}')
   for n in map(int, _BATCHES.value):
@@ -61,14 +64,15 @@ def main(argv):
     stats = variables['batch_stats']
     if n:
       config.precise_bn_batches = n
-      stats = train.make_precise_bn(config, model, mesh)(
+      stats = steps.make_precise_bn(config, model, mesh)(
           variables, builder,
           meta['epoch'] if _STEP.value is not None else max(meta['epoch'] - 1, 0))
     seconds = time.time() - start
     row = {'batches': n, 'seconds': round(seconds, 1)}
     for split in _SPLITS.value:
-      r = train.evaluate(eval_fn, {**variables, 'batch_stats': stats}, config,
-                         builder, mesh, split)
+      r = train.validation_metrics(*evaluate.predict_split(
+          config, builder, mesh, predict_fn,
+          {**variables, 'batch_stats': stats}, split, max_wrong=0)[:2])
       row[f'{split}_accuracy'] = round(r['accuracy'], 4)
       row[f'{split}_loss'] = round(r['loss'], 4)
     print(json.dumps(row), flush=True)

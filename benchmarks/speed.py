@@ -1,7 +1,7 @@
 """CPU speed of gender_jax against the original Keras model, side by side.
 
 One process, one machine: the project's jitted, state-donating train step
-(`gender_jax.train.make_train_step`, augmentation off since the Keras
+(`gender_jax.steps.make_train_step`, augmentation off since the Keras
 `train_on_batch` has none) and its jitted inference function
 (`gender_jax.predict.make_predict_fn`, what the labeler runs) are timed
 interleaved with Keras' `train_on_batch` / `predict_on_batch` of the same
@@ -57,7 +57,7 @@ from gender_jax import label  # pylint: disable=g-import-not-at-top,wrong-import
 from gender_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gender_jax import predict  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gender_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from gender_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gender_jax import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def project_config(image_size, batch_size, compute_dtype, kernels='auto'):
@@ -80,8 +80,8 @@ class JaxSide:
     self.config = config
     self.mesh = sharding.make_mesh()
     self.model = models.create_model(config)
-    self.state = train.init_state(config, self.model, self.mesh)
-    self.step = train.make_train_step(config, self.model, self.mesh)
+    self.state = steps.init_state(config, self.model, self.mesh)
+    self.step = steps.make_train_step(config, self.model, self.mesh)
     data = sharding.data_sharding(self.mesh)
     self.batch = jax.device_put({'image': train_x, 'label': train_y}, data)
     self.rng = jax.random.key(1)

@@ -6,7 +6,8 @@ of that without changing any prediction (T > 0 keeps the logit's sign).
 
 `calibrate_workdir` fits T for a workdir's best model and stores it in
 `<workdir>/calibration.json` with what it was fitted on and the split's ECE
-and log loss before and after. Every place a probability leaves the model
+and log loss before and after (`calibrate_logits`, which training calls with
+its final evaluation's logits). Every place a probability leaves the model
 (`predict.Predictor.from_workdir`, `evaluate`, `label`, `onnx_export`) reads
 it with `read_temperature`; a workdir without the file behaves as before
 (T = 1).
@@ -140,6 +141,22 @@ def read_temperature(workdir: str, step: Optional[int] = None) -> float:
   return float(data['temperature'])
 
 
+def calibrate_logits(workdir: str, labels, logits, *, split: str,
+                     checkpoint: str, step: int, data_dir: str) -> dict:
+  """Fits the temperature of a workdir's model on its uncalibrated `logits`
+  of `split` (of `checkpoint`, its `step`); host 0 writes calibration.json.
+
+  Returns:
+    The written dict: temperature, ece/log_loss before and after, and what
+    it was fitted on (split, checkpoint, step, num_examples, data_dir).
+  """
+  result = fit(labels, logits)
+  result.update(split=split, checkpoint=checkpoint, step=int(step),
+                num_examples=len(labels), data_dir=data_dir)
+  write_calibration(workdir, result)
+  return result
+
+
 def calibrate_workdir(workdir: str, data_dir: Optional[str] = None,
                       split: str = 'validation', checkpoint: str = 'best', *,
                       batch_size: Optional[int] = None, mesh=None) -> dict:
@@ -147,23 +164,18 @@ def calibrate_workdir(workdir: str, data_dir: Optional[str] = None,
 
   The logits come from `evaluate`'s exact loop over the split (every example
   once, the evaluation's resizing). Every process runs it; host 0 writes
-  calibration.json.
-
-  Returns:
-    The written dict: temperature, ece/log_loss before and after, and what
-    it was fitted on (split, checkpoint, step, num_examples, data_dir).
+  calibration.json. Returns `calibrate_logits`' dict.
   """
   from gender_jax import evaluate  # pylint: disable=g-import-not-at-top
   from gender_jax import models  # pylint: disable=g-import-not-at-top
+  from gender_jax import predict  # pylint: disable=g-import-not-at-top
   config, builder, mesh = evaluate.open_split(workdir, data_dir, split,
                                               batch_size, mesh)
   variables, meta = evaluate.load_variables(workdir, config, mesh, checkpoint)
   labels, logits, _ = evaluate.predict_split(
-      config, builder, mesh, models.create_model(config), variables, split,
-      max_wrong=0)
-  result = fit(labels, logits)
-  result.update(split=split, checkpoint=checkpoint,
-                step=int(meta.get('step', 0)), num_examples=len(labels),
-                data_dir=config.data_dir)
-  write_calibration(workdir, result)
-  return result
+      config, builder, mesh,
+      predict.make_predict_fn(models.create_model(config), mesh=mesh),
+      variables, split, max_wrong=0)
+  return calibrate_logits(workdir, labels, logits, split=split,
+                          checkpoint=checkpoint, step=meta.get('step', 0),
+                          data_dir=config.data_dir)

@@ -17,6 +17,7 @@ not simply the highest accuracy. Every process calls save/restore (orbax
 coordinates multi-host writes); only host 0 writes plain files.
 """
 
+import functools
 import json
 import os
 import time
@@ -28,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from gender_jax import config_lib
 from gender_jax import errors
 from gender_jax import fileio
 from gender_jax import models
@@ -44,6 +46,11 @@ def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
 def _drop_step(manager: ocp.CheckpointManager, step: int) -> None:
   if step in manager.all_steps():
     manager.delete(step)
+
+
+class IncompatibleError(errors.UserError):
+  """An intact checkpoint this version cannot continue (e.g. written by an
+  older one): the message says what to do instead."""
 
 
 class Checkpointer:
@@ -80,15 +87,15 @@ class Checkpointer:
     """Returns (state, loop) of the newest checkpoint that restores, or None
     if there is none.
 
-    ``abstract_state`` gives shapes, dtypes and shardings (``jax.eval_shape``
-    output with ``.sharding`` set, or a concrete state); ``check(loop)``
-    raises for loop bookkeeping that cannot be used. A newer step that fails
-    to restore (a truncated or damaged file, unreadable loop metadata) while
-    an older one restores is moved to ``checkpoints.corrupt/<step>-<time>``
-    (`set_aside`) with a
+    ``abstract_state`` gives shapes, dtypes and shardings (`abstract_state`,
+    or a concrete state); ``check(loop)`` raises for loop bookkeeping that
+    cannot be used. A newer step that fails to restore (a truncated or
+    damaged file, unreadable loop metadata) while an older one restores is
+    moved to ``checkpoints.corrupt/<step>-<time>`` (`set_aside`) with a
     warning naming it and the reason: one lost step, not the run. When no
     step restores nothing is moved and a UserError names the newest step and
-    its reason.
+    its reason. An `IncompatibleError` of ``check`` (intact metadata of
+    another version) is no damage: it stops the restore, naming the step.
     """
     failed = []
     for step in sorted(self._latest.all_steps(), reverse=True):
@@ -98,6 +105,9 @@ class Checkpointer:
             loop=ocp.args.JsonRestore()))
         if check is not None:
           check(restored['loop'])
+      except IncompatibleError as e:
+        raise IncompatibleError(
+            f'{self._latest.directory / str(step)}: {e}') from None
       except Exception as e:  # pylint: disable=broad-except
         # Any read error of orbax/tensorstore/JSON: try the next older step.
         failed.append((step, error_line(e)))
@@ -175,7 +185,24 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.image_size = tuple(config.image_size)
+  try:
+    config_lib.validate(config)
+  except (KeyError, AttributeError) as e:     # A field it lacks.
+    field = str(e).strip('"\'')
+    raise IncompatibleError(
+        f'{path} has no field {field}: it was written by an older gender_jax '
+        'version; train in a new --workdir (or add the field with its value '
+        'from configs/default.py).') from None
   return config
+
+
+def _with_sharding(shapes, sharding):
+  """`shapes` (ShapeDtypeStructs) with `sharding` set, if given."""
+  if sharding is None:
+    return shapes
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      shapes)
 
 
 def abstract_variables(config: ml_collections.ConfigDict, sharding=None):
@@ -183,12 +210,18 @@ def abstract_variables(config: ml_collections.ConfigDict, sharding=None):
   model = models.create_model(config)
   shapes = jax.eval_shape(
       lambda: models.init_variables(model, jax.random.key(0), config.image_size))
-  shapes = {k: shapes[k] for k in ('params', 'batch_stats')}
-  if sharding is not None:
-    shapes = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-        shapes)
-  return shapes
+  return _with_sharding({k: shapes[k] for k in ('params', 'batch_stats')},
+                        sharding)
+
+
+def abstract_state(config: ml_collections.ConfigDict, create_state: Callable,
+                   sharding=None):
+  """Shapes/dtypes of the train state that `create_state(config, model,
+  variables)` (`steps.create_train_state`) builds from `abstract_variables`:
+  what `Checkpointer.restore_latest` restores into."""
+  return _with_sharding(jax.eval_shape(
+      functools.partial(create_state, config, models.create_model(config)),
+      abstract_variables(config)), sharding)
 
 
 def restore_best(workdir: str, config: Optional[ml_collections.ConfigDict] = None,

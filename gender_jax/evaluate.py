@@ -23,6 +23,7 @@ input pipeline pads the last batch and masks the padding) and writes, into
 means). The pictures are drawn by `gender_jax.plots`.
 """
 
+import functools
 import heapq
 import os
 import re
@@ -217,6 +218,18 @@ class _WorstErrors:
     elif self.capacity and item[:2] > self._heap[0][:2]:
       heapq.heapreplace(self._heap, item)
 
+  def add_batch(self, first_index: int, labels, p_male, images) -> None:
+    """Adds a batch's misclassified examples; `images()` gives its images,
+    read (from the devices) only when some may be kept."""
+    wrong = np.flatnonzero((p_male >= 0.5) != (labels == 1))
+    if not self.capacity:
+      self.count += len(wrong)
+      return
+    host_images = images() if len(wrong) else None
+    for i in wrong:
+      self.add(first_index + int(i), host_images[i], int(labels[i]),
+               float(p_male[i]))
+
   def sorted(self):
     """(images, labels, p_male), largest error first (ties: earlier first)."""
     items = sorted(self._heap, key=lambda t: t[:2], reverse=True)
@@ -224,21 +237,27 @@ class _WorstErrors:
             np.asarray([t[4] for t in items]))
 
 
-def _to_host(x) -> np.ndarray:
-  """A global jax.Array as one numpy array on every process."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+def _to_host(x, rows=None) -> np.ndarray:
+  """A global jax.Array as one numpy array on every process; only its `rows`
+  (a boolean mask) if given."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    host = np.asarray(x)
+  else:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    host = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return host if rows is None else host[rows]
 
 
-def predict_split(config, builder, mesh, model, variables, split: str,
-                  max_wrong: int = MAX_WRONG, *, temperature: float = 1.0,
-                  tta: str = 'none'):
-  """(labels, logits, worst errors) over every example of `split` once;
-  logits divided by `temperature`, `tta` as in `predict.predict_batch`."""
-  fn = predict.make_predict_fn(model, mc_samples=1, mesh=mesh,
-                               temperature=temperature, tta=tta)
+def predict_split(config, builder, mesh, predict_fn, variables, split: str,
+                  max_wrong: int = MAX_WRONG):
+  """(labels, logits, worst errors) over every example of `split` once, or
+  the batches of its `config.eval_steps` cap: the one evaluation loop, of
+  training (validation, final evaluation) and of `evaluate`.
+
+  `predict_fn` is a deterministic `predict.make_predict_fn(model, mesh=mesh,
+  ...)`, made once by a caller that runs several splits or checkpoints (a
+  new one compiles again). Every process runs it and gets all the results.
+  """
   variables = jax.device_put(variables, sharding_lib.replicated(mesh))
   labels, logits = [], []
   worst = _WorstErrors(max_wrong)
@@ -248,21 +267,15 @@ def predict_split(config, builder, mesh, model, variables, split: str,
     if ids is None:
       ids = jax.numpy.zeros(batch['label'].shape, jax.numpy.uint32,
                             device=sharding_lib.data_sharding(mesh))
-    out = fn(variables, batch['image'], ids)
+    out = predict_fn(variables, batch['image'], ids)
     mask = _to_host(batch['mask'])
-    y = _to_host(batch['label'])[mask]
-    z = np.asarray(out['logit'])[mask]
-    p = np.asarray(out['p_male'])[mask]
-    wrong = np.flatnonzero((p >= 0.5) != (y == 1))
-    if len(wrong):
-      images = _to_host(batch['image'])[mask]
-      for i in wrong:
-        worst.add(seen + int(i), images[i], int(y[i]), float(p[i]))
-    seen += len(y)
-    labels.append(y)
-    logits.append(z)
+    labels.append(_to_host(batch['label'], mask))
+    logits.append(_to_host(out['logit'], mask))
+    worst.add_batch(seen, labels[-1], _to_host(out['p_male'], mask),
+                    functools.partial(_to_host, batch['image'], mask))
+    seen += len(labels[-1])
   expected = input_pipeline.num_examples(builder, split)
-  if seen != expected:
+  if not seen or seen > expected or (seen < expected and not config.eval_steps):
     raise RuntimeError(f'evaluated {seen} examples of {split!r}, but the '
                        f'split has {expected}.')
   return np.concatenate(labels), np.concatenate(logits), worst
@@ -359,10 +372,10 @@ def evaluate(workdir: str, data_dir: Optional[str] = None,
   step = int(meta.get('step', 0))
   temperature = calibration.read_temperature(
       workdir, step if checkpoint == 'best' else None)
-  model = models.create_model(config)
-  labels, logits, worst = predict_split(config, builder, mesh, model,
-                                        variables, split, max_wrong,
-                                        temperature=temperature, tta=tta)
+  predict_fn = predict.make_predict_fn(models.create_model(config), mesh=mesh,
+                                       temperature=temperature, tta=tta)
+  labels, logits, worst = predict_split(config, builder, mesh, predict_fn,
+                                        variables, split, max_wrong)
   report = classification_report(labels, logits)
   uncalibrated = calibration_errors(
       labels, np.asarray(logits, np.float64) * temperature)

@@ -41,9 +41,10 @@ def make_stats_step(model, prepare: Callable, mesh) -> Callable:
   """Jitted (sums, variables, batch, rng, epoch, index) -> sums + the batch
   statistics of batch `index` of epoch `epoch`.
 
-  `prepare(batch, rng) -> (images, dropout_rng)` turns a batch into the
-  images the train step feeds the model (augmentation) and its dropout key;
-  its rng is `rng` folded with `epoch` and `index`.
+  `prepare(batch, key) -> (images, dropout_key)` (`steps.model_inputs`)
+  turns a batch into the images the train step feeds the model
+  (augmentation) and its dropout key; its key is `rng` folded with `epoch`
+  and `index`.
   """
   def step(sums, variables, batch, rng, epoch, index):
     rng = jax.random.fold_in(jax.random.fold_in(rng, epoch), index)

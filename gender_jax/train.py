@@ -1,329 +1,83 @@
-"""Training and evaluation: sharded jitted steps and the Keras-style epoch loop.
+"""The Keras-style epoch loop: train, validate, checkpoint, resume, report.
 
-The loop reproduces the original Keras `fit` recipe:
-* Nadam on binary cross-entropy; stage-1 augmentation on device, as its own
-  jitted call before each train step.
-* Once per epoch, after evaluating the validation split, Keras'
-  ReduceLROnPlateau on val_loss and EarlyStopping on val_accuracy
-  (`gender_jax.callbacks`), saving the best model exactly when EarlyStopping
-  reports an improvement (Keras `restore_best_weights`).
-* Checkpoints (orbax): the latest train state each epoch (and every
-  `checkpoint_every_steps`) for resuming, and the best model for stage 2 and
-  prediction. A run restarted in the same workdir resumes from the latest,
-  mid-epoch too: the epoch's data order and the per-step randomness are
-  functions of (seed, epoch, step), so it continues as if never stopped
-  (only that epoch's logged training averages cover just the resumed part).
-* After training, the best model is evaluated on the validation split and, if
-  present, the test split; the summary goes to `<workdir>/results.json`.
-  With `config.calibrate`, a temperature for its p(male) is then fitted on
-  the validation split (`<workdir>/calibration.json`, `gender_jax.calibration`).
+`train_and_evaluate` follows the original Keras `fit` recipe with the steps
+of `gender_jax.steps`: after each epoch it evaluates the validation split,
+applies Keras' ReduceLROnPlateau (val_loss) and EarlyStopping (val_accuracy,
+`gender_jax.callbacks`) and saves the best model exactly when EarlyStopping
+reports an improvement (`restore_best_weights`). Config additions: precise
+BN statistics before each validation (`precise_bn_batches`), and a
+fine-tune's starting model validated as epoch 0 and kept as the best model
+unless an epoch beats it (`init_baseline`, the one departure from Keras).
 
-Two additions to the Keras recipe, both config fields:
-* `precise_bn_batches` > 0 recomputes the BatchNorm statistics for the
-  current weights before every validation (`gender_jax.precise_bn`), so early
-  stopping, the best checkpoint, evaluation and labelling see statistics that
-  match the weights instead of running averages that trail them.
-* `init_baseline` (stage 2): the model restored from `init_from` is evaluated
-  before the first step and recorded as epoch 0, in the history, TensorBoard
-  and as the first best model. Early stopping counts from it, so a fine-tune
-  that never beats its starting point ends with the starting model in
-  `best/` (its weights; with precise BN, BatchNorm statistics recomputed
-  for them, as for every validated model). This is the one place the loop departs from Keras' `fit`, whose
-  EarlyStopping keeps the best of the epochs it trained, however bad: a
-  fine-tune that swings down early (a fresh Nadam at 1e-3) and is stopped
-  there would otherwise hand on a worse model than it was given.
-
-Steps are pure functions jitted with `NamedSharding`s over the ('data',) mesh
-of all devices of all processes, so one code path covers CPU, GPU, TPU and
-several hosts. Only host 0 writes logs, TensorBoard events and JSON files;
-host 0 also holds the workdir's lock file for the whole run.
+A run restarted in the same workdir resumes from its latest checkpoint, mid-
+epoch too, as if it had never stopped. At the end the best model is evaluated
+on the validation and (if present) test splits into `<workdir>/results.json`
+and, with `config.calibrate`, its temperature is fitted on those validation
+logits (`<workdir>/calibration.json`). Only host 0 writes files; it holds the
+workdir's lock for the whole run.
 """
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from absl import logging
 from clu import metric_writers
-from clu import metrics
 from clu import periodic_actions
-import flax
-from flax.training import train_state
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from gender_jax import augment
 from gender_jax import calibration
 from gender_jax import callbacks
 from gender_jax import checkpointing
 from gender_jax import config_lib
 from gender_jax import dataset
 from gender_jax import errors
+from gender_jax import evaluate
 from gender_jax import fileio
 from gender_jax import input_pipeline
 from gender_jax import locking
 from gender_jax import models
-from gender_jax import precise_bn
+from gender_jax import predict
 from gender_jax import sharding
+from gender_jax import steps
 
 RESULTS_FILE = 'results.json'
 LOCK_FILE = 'lock'
-# Keras Nadam defaults (beta_1, beta_2, epsilon).
-NADAM_B1, NADAM_B2, NADAM_EPS = 0.9, 0.999, 1e-7
-# Config fields that shape the variables: a workdir's checkpoints only fit a
-# run with the same values.
-_ARCHITECTURE_FIELDS = ('model', 'image_size')
 
 
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss); the message says why."""
 
 
-class TrainState(train_state.TrainState):
-  """Flax TrainState plus BatchNorm statistics."""
-  batch_stats: Any = None
-
-  def variables(self) -> Dict[str, Any]:
-    return {'params': self.params, 'batch_stats': self.batch_stats}
-
-
-@flax.struct.dataclass
-class Metrics(metrics.Collection):
-  """Mean loss and accuracy; over a padded eval batch the mask makes it exact
-  (sums over real examples divided by their count)."""
-  loss: metrics.Average.from_output('loss')
-  accuracy: metrics.Average.from_output('accuracy')
-
-
-# ----------------------------------------------------------------------------
-# State, steps.
-
-
-def create_optimizer(config) -> optax.GradientTransformation:
-  """Nadam (Keras defaults) with the learning rate settable in its state."""
-  return optax.inject_hyperparams(optax.nadam)(
-      learning_rate=config.learning_rate, b1=NADAM_B1, b2=NADAM_B2,
-      eps=NADAM_EPS)
-
-
-def create_train_state(config, model, rng) -> TrainState:
-  """A fresh TrainState (random init, new optimizer)."""
-  variables = models.init_variables(model, rng, tuple(config.image_size))
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'],
-                           tx=create_optimizer(config))
-
-
-def init_state(config, model, mesh) -> TrainState:
-  """The replicated initial state; from `config.init_from`'s best if set.
-
-  Stage 2: params and batch_stats come from the stage-1 workdir's best
-  checkpoint (restored into this config's model: only shapes must agree);
-  the optimizer starts fresh.
-  """
-  if config.init_from:
-    _check_init_from(config)
-  replicated = sharding.replicated(mesh)
-  rng = jax.random.key(config.seed)
-  state = jax.jit(functools.partial(create_train_state, config, model),
-                  out_shardings=replicated)(rng)
-  if config.init_from:
-    variables, meta = checkpointing.restore_best(config.init_from, config,
-                                                 sharding=replicated)
-    logging.info('Initialised from %s (best epoch %s, val_accuracy %s).',
-                 config.init_from, meta.get('epoch'), meta.get('val_accuracy'))
-    state = state.replace(params=variables['params'],
-                          batch_stats=variables['batch_stats'])
-  return state
-
-
-def _architecture_mismatch(config, other, other_name: str) -> Optional[str]:
-  """Names the architecture fields where `config` and `other` differ."""
-  diffs = [f'{key}={config[key]!r} here, {other[key]!r} in {other_name}'
-           for key in _ARCHITECTURE_FIELDS
-           if tuple(np.atleast_1d(other[key])) != tuple(
-               np.atleast_1d(config[key]))]
-  return '; '.join(diffs) or None
-
-
-def _check_init_from(config) -> None:
-  """Stage 2 must build the model stage 1 trained (same size and widths)."""
-  source = checkpointing.read_config(config.init_from)
-  mismatch = _architecture_mismatch(config, source, config.init_from)
-  if mismatch:
-    raise errors.UserError(
-        f'config.init_from={config.init_from!r} holds another model '
-        f'({mismatch}); fine-tune with the same --config.model and '
-        '--config.image_size as stage 1.')
-
-
 def _check_resume(config, workdir: str) -> None:
   """A workdir with checkpoints only resumes with the same architecture."""
   if not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
     return
-  mismatch = _architecture_mismatch(config, checkpointing.read_config(workdir),
-                                    os.path.join(workdir, 'config.json'))
+  mismatch = steps.architecture_mismatch(
+      config, checkpointing.read_config(workdir),
+      os.path.join(workdir, 'config.json'))
   if mismatch:
     raise errors.UserError(
         f'--workdir={workdir} holds a run of another model ({mismatch}); '
         'resume it with its own settings or train in a new --workdir.')
 
 
-def abstract_state(config, model, mesh):
-  """Shapes, dtypes and shardings of the state (for orbax restore)."""
-  replicated = sharding.replicated(mesh)
-  shapes = jax.eval_shape(functools.partial(create_train_state, config, model),
-                          jax.random.key(0))
-  return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      shapes)
+def validation_metrics(labels, logits) -> Dict[str, Any]:
+  """{'loss', 'accuracy', 'count'} of a split's logits: mean binary
+  cross-entropy and the fraction right (male when logit >= 0).
 
-
-def per_example_metrics(logits, labels):
-  """Binary cross-entropy and correctness (male when sigmoid >= 0.5)."""
-  labels = labels.astype(jnp.float32)
-  loss = optax.sigmoid_binary_cross_entropy(logits, labels)
-  correct = ((logits >= 0).astype(jnp.float32) == labels).astype(jnp.float32)
-  return loss, correct
-
-
-def step_keys(rng, step):
-  """(augmentation key, dropout key) of train step `step`: functions of the
-  run's key and the step only, so a resumed run draws the same randomness."""
-  aug_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, step))
-  return aug_rng, dropout_rng
-
-
-def model_inputs(batch, rng, *, config):
-  """(images, dropout_rng) the model trains on: the batch's images,
-  augmented when `config.augment`, and a dropout key, both drawn from `rng`."""
-  aug_rng, dropout_rng = jax.random.split(rng)
-  images = batch['image']
-  if config.augment:
-    images = augment.augment_batch(aug_rng, images, config.aug)
-  return images, dropout_rng
-
-
-def augment_step(batch, rng, step, *, config):
-  """`batch` with its images augmented as train step `step` trains on them."""
-  images = augment.augment_batch(step_keys(rng, step)[0], batch['image'],
-                                 config.aug)
-  return {**batch, 'image': images}
-
-
-def train_step(state: TrainState, batch, rng, *, model):
-  """One Nadam step on a global batch of (already augmented) images; returns
-  (state, Metrics). Dropout uses `step_keys(rng, state.step)`."""
-  dropout_rng = step_keys(rng, state.step)[1]
-
-  def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-    loss, correct = per_example_metrics(logits, batch['label'])
-    return loss.mean(), (updates['batch_stats'], loss, correct)
-
-  grads, (batch_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(
-      state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return state, Metrics.single_from_model_output(loss=loss, accuracy=correct)
-
-
-def eval_step(variables, batch, *, model):
-  """Masked loss/accuracy sums of a padded global batch (inference mode)."""
-  logits = model.apply(variables, batch['image'], train=False)
-  loss, correct = per_example_metrics(logits, batch['label'])
-  return Metrics.single_from_model_output(loss=loss, accuracy=correct,
-                                          mask=batch['mask'])
-
-
-def make_train_step(config, model, mesh) -> Callable:
-  """(state, batch, rng) -> (state, metrics): `augment_step` (when
-  `config.augment`), then `train_step`, each jitted for `mesh`.
-
-  State and rng replicated, batch split over 'data'; the state is donated.
-  Augmentation is its own jitted call: compiled into the train step, it made
-  the XLA:CPU step slower by several times its own cost (benchmarks/README.md,
-  'End-to-end training speed'). On GPU/TPU the split costs one more launch
-  per step.
+  Both are float32 values, as Keras logs them for its callbacks (the
+  accuracy k/n rounded to float32 is the value of earlier versions exactly).
   """
-  replicated = sharding.replicated(mesh)
-  data = sharding.data_sharding(mesh)
-  train_fn = jax.jit(functools.partial(train_step, model=model),
-                     in_shardings=(replicated, data, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
-  if not config.augment:
-    return train_fn
-  augment_fn = jax.jit(functools.partial(augment_step, config=config),
-                       in_shardings=(data, replicated, replicated),
-                       out_shardings=data)
-
-  def step(state, batch, rng):
-    return train_fn(state, augment_fn(batch, rng, state.step), rng)
-  return step
-
-
-def make_eval_step(model, mesh) -> Callable:
-  """`eval_step` jitted for `mesh`: (variables, batch) -> Metrics."""
-  replicated = sharding.replicated(mesh)
-  return jax.jit(functools.partial(eval_step, model=model),
-                 in_shardings=(replicated, sharding.data_sharding(mesh)),
-                 out_shardings=replicated)
-
-
-def set_learning_rate(state: TrainState, learning_rate: float,
-                      mesh) -> TrainState:
-  """Writes `learning_rate` into the injected Nadam hyperparameters."""
-  def set_lr(state, lr):
-    hyperparams = dict(state.opt_state.hyperparams)
-    hyperparams['learning_rate'] = jnp.asarray(
-        lr, hyperparams['learning_rate'].dtype)
-    return state.replace(opt_state=state.opt_state._replace(
-        hyperparams=hyperparams))
-  replicated = sharding.replicated(mesh)
-  return jax.jit(set_lr, out_shardings=replicated, donate_argnums=0)(
-      state, learning_rate)
-
-
-def get_learning_rate(state: TrainState) -> float:
-  return float(state.opt_state.hyperparams['learning_rate'])
-
-
-def make_precise_bn(config, model, mesh) -> Callable:
-  """(variables, builder, epoch) -> BatchNorm statistics recomputed on epoch
-  `epoch`'s first `config.precise_bn_batches` training batches, as the train
-  step sees them (see `gender_jax.precise_bn`)."""
-  stats_step = precise_bn.make_stats_step(
-      model, functools.partial(model_inputs, config=config), mesh)
-  rng = jax.jit(lambda: jax.random.key(config.seed + 1),
-                out_shardings=sharding.replicated(mesh))()
-
-  def batch_stats(variables, builder, epoch: int):
-    batches = input_pipeline.train_iterator(config, builder, mesh, epoch)
-    return precise_bn.recompute(stats_step, variables, batches, rng, epoch,
-                                config.precise_bn_batches)
-  return batch_stats
-
-
-def evaluate(eval_fn, variables, config, builder, mesh,
-             split: str) -> Dict[str, float]:
-  """Exact loss/accuracy of `variables` over a split (or its eval_steps cap)."""
-  total = None
-  for batch in input_pipeline.eval_iterator(config, builder, mesh, split):
-    update = eval_fn(variables, batch)
-    total = update if total is None else total.merge(update)
-  if total is None:
-    raise TrainingError(f'split {split!r} yielded no evaluation batches.')
-  values = {k: float(v) for k, v in total.compute().items()}
-  values['count'] = int(total.loss.count)
-  return values
+  correct = (np.asarray(logits) >= 0) == (np.asarray(labels) == 1)
+  return {'loss': float(np.float32(evaluate.log_loss(labels, logits))),
+          'accuracy': float(np.float32(correct.mean())),
+          'count': len(correct)}
 
 
 # ----------------------------------------------------------------------------
@@ -353,21 +107,16 @@ class LoopState:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_json(cls, data: Dict[str, Any], learning_rate: float) -> 'LoopState':
-    """Reads `to_json` output, or the untyped dict that workdirs of earlier
-    versions hold (an optax plateau scale, flax-style early-stopping keys),
-    so their runs resume. `learning_rate`: the config's, for the old scale."""
+  def from_json(cls, data: Dict[str, Any]) -> 'LoopState':
+    """Reads `to_json` output; the untyped dict of earlier versions (an optax
+    plateau scale, flax-style early-stopping keys) is an
+    `checkpointing.IncompatibleError`: their runs do not resume here."""
     data = dict(data)
     plateau, stopping = data.pop('plateau'), data.pop('early_stopping')
-    if 'scale' in plateau:
-      plateau = {'learning_rate': callbacks.Plateau.start(
-                     learning_rate * plateau['scale']).learning_rate,
-                 'best': plateau['best_value'],
-                 'wait': plateau['plateau_count']}
-    if 'best_metric' in stopping:
-      stopping = {'best': stopping['best_metric'],
-                  'wait': stopping['patience_count'],
-                  'epochs': len(data.get('history', []))}
+    if 'scale' in plateau or 'best_metric' in stopping:
+      raise checkpointing.IncompatibleError(
+          'loop metadata of an older gender_jax version; train in a new '
+          '--workdir (or finish this run with that version).')
     return cls(plateau=callbacks.Plateau(**plateau),
                early_stopping=callbacks.EarlyStopping(**stopping), **data)
 
@@ -394,27 +143,26 @@ class _Run:
     self.model = models.create_model(config)
     self.steps_per_epoch = input_pipeline.train_steps_per_epoch(config,
                                                                 builder)
-    self.train_fn = make_train_step(config, self.model, mesh)
-    self.eval_fn = make_eval_step(self.model, mesh)
+    self.train_fn = steps.make_train_step(config, self.model, mesh)
+    self.predict_fn = predict.make_predict_fn(self.model, mesh=mesh)
     self.rng = jax.jit(lambda: jax.random.key(config.seed),
                        out_shardings=sharding.replicated(mesh))()
-    self.precise_bn = (make_precise_bn(config, self.model, mesh)
+    self.precise_bn = (steps.make_precise_bn(config, self.model, mesh)
                        if config.precise_bn_batches else None)
 
   def start(self):
     """(state, loop): resumed from the latest checkpoint, or fresh."""
-    lr = self.config.learning_rate
     restored = self.checkpointer.restore_latest(
-        abstract_state(self.config, self.model, self.mesh),
-        check=lambda loop: LoopState.from_json(loop, lr))
+        checkpointing.abstract_state(self.config, steps.create_train_state,
+                                     sharding.replicated(self.mesh)),
+        check=LoopState.from_json)
     if restored is not None:
-      state = restored[0]
-      loop = LoopState.from_json(restored[1], lr)
+      state, loop = restored[0], LoopState.from_json(restored[1])
       logging.info('Resuming from %s at step %d (epoch %d, batch %d).',
                    self.workdir, int(state.step), loop.epoch + 1,
                    loop.epoch_step)
       return state, loop
-    state = init_state(self.config, self.model, self.mesh)
+    state = steps.init_state(self.config, self.model, self.mesh)
     loop = LoopState(plateau=callbacks.Plateau.start(
         self.config.learning_rate))
     if self.config.init_from and self.config.init_baseline:
@@ -424,7 +172,7 @@ class _Run:
 
   def validate(self, state, loop: LoopState, epoch: int,
                train_values: Optional[Dict[str, float]],
-               epoch_start: float) -> TrainState:
+               epoch_start: float) -> steps.TrainState:
     """Ends epoch `epoch` (1-based; 0 = the baseline before training): precise
     BN, validation, the Keras rules, best and latest checkpoints, logs.
     Updates `loop` in place; returns the state (new BatchNorm statistics)."""
@@ -433,8 +181,8 @@ class _Run:
     if self.precise_bn is not None:
       state = state.replace(batch_stats=self.precise_bn(
           state.variables(), self.builder, max(epoch - 1, 0)))
-    val = evaluate(self.eval_fn, state.variables(), config, self.builder,
-                   self.mesh, config.eval_split)
+    val = validation_metrics(*self.split_logits(state.variables(),
+                                                config.eval_split))
     _check_finite({'val_loss': val['loss']}, 'validation loss', step,
                   self.checkpointer, self.workdir)
     lr = loop.plateau.learning_rate
@@ -489,11 +237,18 @@ class _Run:
     self.writer.write_scalars(record['step'], scalars)
     self.writer.flush()
 
-  def train_epoch(self, state, loop: LoopState, hooks) -> TrainState:
+  def split_logits(self, variables, split: str):
+    """(labels, logits) of `split` (or its eval_steps cap)."""
+    labels, logits, _ = evaluate.predict_split(
+        self.config, self.builder, self.mesh, self.predict_fn, variables,
+        split, max_wrong=0)
+    return labels, logits
+
+  def train_epoch(self, state, loop: LoopState, hooks) -> steps.TrainState:
     """Trains epoch `loop.epoch` from batch `loop.epoch_step`, then validates."""
     config, epoch = self.config, loop.epoch
     lr = loop.plateau.learning_rate
-    state = set_learning_rate(state, lr, self.mesh)
+    state = steps.set_learning_rate(state, lr, self.mesh)
     epoch_metrics = window = None
     epoch_start = window_start = time.time()
     window_steps = 0
@@ -536,7 +291,10 @@ class _Run:
     return self.validate(state, loop, epoch + 1, train_values, epoch_start)
 
   def final_evaluation(self, loop: LoopState) -> Dict[str, Any]:
-    """Evaluates the best model on validation and (if present) test."""
+    """The summary: the best model evaluated on validation and (if present)
+    test, and with config.calibrate its temperature, fitted on those
+    validation logits."""
+    config = self.config
     if loop.best is None:
       raise TrainingError(f'{self.workdir} has no best model: no epoch '
                           'finished.')
@@ -544,49 +302,48 @@ class _Run:
       logging.warning(
           'No epoch of this fine-tune beat its starting point (epoch 0, '
           'val_accuracy %.4f, from %s): best/ holds that starting model%s.',
-          loop.best['val_accuracy'], self.config.init_from,
+          loop.best['val_accuracy'], config.init_from,
           ' (its weights, with BatchNorm statistics recomputed by precise BN)'
-          if self.config.precise_bn_batches else '')
+          if config.precise_bn_batches else '')
     variables, meta = checkpointing.restore_best(
-        self.workdir, self.config, sharding=sharding.replicated(self.mesh))
-    results = {}
-    for split in (self.config.eval_split, 'test'):
+        self.workdir, config, sharding=sharding.replicated(self.mesh))
+    results, outputs = {}, {}
+    for split in (config.eval_split, 'test'):
       if split == 'test' and not ('test' in self.builder.info.splits or
                                   dataset.source_splits(self.builder, 'test')):
         continue
-      results[split] = evaluate(self.eval_fn, variables, self.config,
-                                self.builder, self.mesh, split)
+      outputs[split] = self.split_logits(variables, split)
+      results[split] = validation_metrics(*outputs[split])
       logging.info('Best model (epoch %d) on %s: %s', meta['epoch'], split,
                    results[split])
-    return {
+    summary = {
         'best_epoch': meta['epoch'],
         'best_val_accuracy': meta['val_accuracy'],
         'best_step': meta['step'],
         'epochs_run': loop.epoch,
         'stopped_early': loop.stopped_early,
         'train_seconds': round(loop.train_seconds, 1),
-        'init_from': self.config.init_from,
+        'init_from': config.init_from,
         'final_evaluation': results,
         'history': loop.history,
     }
+    if config.calibrate:
+      summary['calibration'] = calibration.calibrate_logits(
+          self.workdir, *outputs[config.eval_split], split=config.eval_split,
+          checkpoint='best', step=meta['step'], data_dir=config.data_dir)
+      logging.info('Calibrated p(male): %s',
+                   calibration.describe(summary['calibration']))
+    return summary
 
   def run(self) -> Dict[str, Any]:
-    """The epoch loop; returns the summary of `final_evaluation` (and the
-    calibration, with config.calibrate)."""
+    """The epoch loop; returns the summary of `final_evaluation`."""
     state, loop = self.start()
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=self.config.num_epochs * self.steps_per_epoch,
         writer=self.writer)
     while loop.epoch < self.config.num_epochs and not loop.stopped_early:
       state = self.train_epoch(state, loop, [report_progress])
-    summary = self.final_evaluation(loop)
-    if self.config.calibrate:
-      summary['calibration'] = calibration.calibrate_workdir(
-          self.workdir, self.config.data_dir, self.config.eval_split,
-          mesh=self.mesh)
-      logging.info('Calibrated p(male): %s',
-                   calibration.describe(summary['calibration']))
-    return summary
+    return self.final_evaluation(loop)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -607,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   input_pipeline.train_steps_per_epoch(config, builder)
   input_pipeline.eval_steps(config, builder, config.eval_split)
   if config.init_from:
-    _check_init_from(config)
+    steps.check_init_from(config)
   _check_resume(config, workdir)
   mesh = sharding.make_mesh()
   with _workdir_lock(workdir):

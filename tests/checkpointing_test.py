@@ -1,5 +1,6 @@
 """Latest/best checkpoints round-trip exactly; missing ones fail clearly."""
 
+import json
 import os
 
 import jax
@@ -11,6 +12,8 @@ import pytest
 from gender_jax import checkpointing
 from gender_jax import config_lib
 from gender_jax import models
+from gender_jax import sharding
+from gender_jax import steps
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs')
@@ -68,6 +71,22 @@ def test_missing_workdir_and_best_are_clear_errors(tmp_path):
   checkpointing.write_config(workdir, _tiny_config())
   with pytest.raises(FileNotFoundError, match='has not finished an epoch'):
     checkpointing.restore_best(workdir)
+
+
+def test_config_of_an_older_version_is_one_line(tmp_path):
+  workdir = str(tmp_path / 'w')
+  checkpointing.write_config(workdir, _tiny_config())
+  path = os.path.join(workdir, checkpointing.CONFIG_FILE)
+  with open(path) as f:
+    stored = json.load(f)
+  del stored['kernels']
+  with open(path, 'w') as f:
+    json.dump(stored, f)
+  with pytest.raises(checkpointing.IncompatibleError,
+                     match=r'config.json has no field kernels: .*older '
+                     r'gender_jax.*new --workdir') as error:
+    checkpointing.read_config(workdir)
+  assert '\n' not in str(error.value)
 
 
 def _state(step):
@@ -129,6 +148,45 @@ def test_bad_loop_state_and_nothing_restorable(tmp_path):
     ckpt.restore_latest(state, check=check)
   ckpt.close()
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['3']
+
+
+def test_incompatible_loop_state_stops_and_moves_nothing(tmp_path):
+  """Intact metadata of another version is no damage: the restore stops on
+  the newest step, naming it, and leaves every step where it is."""
+  workdir = str(tmp_path / 'w')
+  config, _, state = _state(3)
+  checkpointing.write_config(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir)
+  ckpt.save_latest(3, state, {'epoch': 1})
+  ckpt.save_latest(5, state, {'epoch': 'old'})
+
+  def check(loop):
+    if loop['epoch'] == 'old':
+      raise checkpointing.IncompatibleError('of another version.')
+  with pytest.raises(checkpointing.IncompatibleError) as error:
+    ckpt.restore_latest(state, check=check)
+  ckpt.close()
+  assert str(error.value) == (
+      f'{os.path.join(workdir, "checkpoints", "5")}: of another version.')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3',
+                                                                      '5']
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints.corrupt'))
+
+
+def test_abstract_state_is_the_train_state_of_abstract_variables():
+  config = _tiny_config()
+  mesh = sharding.make_mesh()
+  replicated = sharding.replicated(mesh)
+  abstract = checkpointing.abstract_state(config, steps.create_train_state,
+                                          replicated)
+  state = steps.init_state(config, models.create_model(config), mesh)
+  def leaves(tree, sharding_of):
+    return [(jax.tree_util.keystr(path), x.shape, x.dtype, sharding_of(x))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+  assert leaves(abstract, lambda x: x.sharding) == leaves(
+      state, lambda _: replicated)
+  assert abstract.variables() == checkpointing.abstract_variables(config,
+                                                                  replicated)
 
 
 def test_damaged_best_model_is_one_line_naming_it(tmp_path):

@@ -16,6 +16,7 @@ from gender_jax import checkpointing
 from gender_jax import dataset
 from gender_jax import errors
 from gender_jax import evaluate
+from gender_jax import predict
 from gender_jax import sharding
 from gender_jax import synthetic
 
@@ -121,8 +122,9 @@ def test_every_example_counted_once(data_and_workdir):
   mesh = sharding.make_mesh()
   _, model, variables, _ = checkpointing.load_model(workdir)
   builder = dataset.load_builder(data_dir)
-  labels, logits, _ = evaluate.predict_split(config, builder, mesh, model,
-                                             variables, 'test')
+  predict_fn = predict.make_predict_fn(model, mesh=mesh)
+  labels, logits, _ = evaluate.predict_split(config, builder, mesh,
+                                             predict_fn, variables, 'test')
   examples = list(tfds.as_numpy(builder.as_dataset(split='test')))
   images = np.stack([e['images'] for e in examples])
   want_logits = np.asarray(model.apply(variables, images, train=False))
@@ -132,6 +134,12 @@ def test_every_example_counted_once(data_and_workdir):
   got = sorted(zip(labels.tolist(), np.round(logits, 4).tolist()))
   want = sorted(zip(want_labels.tolist(), np.round(want_logits, 4).tolist()))
   assert got == want
+  # Training's eval_steps cap: the first batches only.
+  config.eval_steps = 2
+  capped, capped_logits, _ = evaluate.predict_split(
+      config, builder, mesh, predict_fn, variables, 'test')
+  assert len(capped) == 32
+  np.testing.assert_array_equal(capped_logits, logits[:32])
 
 
 def test_evaluate_writes_report_pictures_and_tensorboard(data_and_workdir):
@@ -166,24 +174,21 @@ def test_evaluate_writes_report_pictures_and_tensorboard(data_and_workdir):
 def test_latest_checkpoint_and_split_slices(data_and_workdir, tmp_path,
                                             make_workdir, trained_variables,
                                             monkeypatch):
-  import jax  # pylint: disable=g-import-not-at-top
-  from gender_jax import models, train  # pylint: disable=g-import-not-at-top
+  from gender_jax import models, steps  # pylint: disable=g-import-not-at-top
   data_dir, best_workdir = data_and_workdir
   workdir = make_workdir(tmp_path)
   config = checkpointing.read_config(workdir)
-  state = train.create_train_state(config, models.create_model(config),
-                                   jax.random.key(0))
-  variables = trained_variables
-  state = state.replace(params=variables['params'],
-                        batch_stats=variables['batch_stats'], step=5)
+  state = steps.create_train_state(config, models.create_model(config),
+                                   trained_variables).replace(step=5)
   ckpt = checkpointing.Checkpointer(workdir)
   ckpt.save_latest(5, state, {'epoch': 0})
   ckpt.close()
-  # Only params and batch_stats are read: no optimizer, no gender_jax.train.
+  # Only params and batch_stats are read: no optimizer, no gender_jax.steps.
   import gender_jax  # pylint: disable=g-import-not-at-top
   with monkeypatch.context() as m:
-    m.delattr(gender_jax, 'train')
-    m.setitem(sys.modules, 'gender_jax.train', None)
+    for name in ('steps', 'train'):
+      m.delattr(gender_jax, name, raising=False)
+      m.setitem(sys.modules, f'gender_jax.{name}', None)
     latest = evaluate.evaluate(workdir, data_dir, 'test', checkpoint='latest')
   best = evaluate.evaluate(best_workdir, data_dir, 'test')
   assert latest['step'] == 5 and latest['epoch'] == 0

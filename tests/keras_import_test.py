@@ -131,7 +131,7 @@ def test_import_writes_a_workdir(reference, tmp_path, suffix):
   assert meta['step'] == 0
   assert meta['keras_layers']['Dense_1'] == _output_layer(model).name
   _assert_equal_outputs(config, variables, model, _images(16, SMALL, seed=3))
-  # Stage 2 can start from it (train.init_state restores it this way).
+  # Stage 2 can start from it (steps.init_state restores it this way).
   stage2 = _config('stage2.py')
   stage2.image_size = SMALL
   restored, _ = checkpointing.restore_best(workdir, stage2)

@@ -18,7 +18,7 @@ WORKER = r'''
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 data_dir, workdir, out = sys.argv[2:5]
-from gender_jax import sharding, train
+from gender_jax import sharding, steps, train
 assert sharding.maybe_initialize_distributed()  # From JAX_* variables.
 import jax, numpy as np
 from gender_jax import dataset, input_pipeline, models
@@ -29,8 +29,8 @@ summary = train.train_and_evaluate(config, workdir)
 # A few explicit steps on the global batches of both processes.
 mesh = sharding.make_mesh()
 model = models.create_model(config)
-state = train.init_state(config, model, mesh)
-step = train.make_train_step(config, model, mesh)
+state = steps.init_state(config, model, mesh)
+step = steps.make_train_step(config, model, mesh)
 builder = dataset.load_builder(data_dir)
 for batch in input_pipeline.train_iterator(config, builder, mesh, epoch=0):
   state, _ = step(state, batch, jax.random.key(0))

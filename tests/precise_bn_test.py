@@ -1,5 +1,6 @@
 """Precise BatchNorm statistics: a numpy oracle, and 8 devices == 1 device."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from gender_jax import models
 from gender_jax import precise_bn
 from gender_jax import sharding
-from gender_jax import train
+from gender_jax import steps
 
 from conftest import tiny_train_config as tiny_config
 
@@ -27,9 +28,9 @@ def _batches(n, seed=0, size=(24, 20)):
 
 def _precise(config, mesh, batches, rng):
   model = models.create_model(config)
-  state = train.init_state(config, model, mesh)
-  step = precise_bn.make_stats_step(
-      model, lambda b, r: train.model_inputs(b, r, config=config), mesh)
+  state = steps.init_state(config, model, mesh)
+  step = precise_bn.make_stats_step(model, functools.partial(
+      steps.model_inputs, aug=config.aug if config.augment else None), mesh)
   placed = [jax.device_put(b, sharding.data_sharding(mesh)) for b in batches]
   stats = precise_bn.recompute(step, state.variables(), placed, rng,
                                epoch=7, num_batches=len(batches))
@@ -60,9 +61,8 @@ def test_statistics_equal_numpy_over_the_same_batches():
   model, state, got = _precise(config, mesh, batches, rng)
   sums = None
   for i, batch in enumerate(batches):
-    _, dropout_rng = train.model_inputs(
-        batch, jax.random.fold_in(jax.random.fold_in(rng, 7), i),
-        config=config)
+    _, dropout_rng = steps.model_inputs(
+        batch, jax.random.fold_in(jax.random.fold_in(rng, 7), i))
     inputs = _captured_inputs_of_norms(model, state.variables(),
                                        batch['image'], dropout_rng)
     stats = jax.tree.map(
