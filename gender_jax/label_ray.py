@@ -4,7 +4,7 @@
 images still to do through Ray Data:
 
   sorted file list -> blocks of whole batches -> decode + framing in CPU
-  tasks (`image_io.load_images`, the local engine's decoder) -> the model in an
+  tasks (`image_io.load_images`, the local engine's decode) -> the model in an
   actor pool (each actor loads the workdir once; one GPU each when the
   cluster has GPUs) -> the driver
 
@@ -22,19 +22,14 @@ the end); `ray_address='auto'` or 'ray://host:10001' joins a cluster, whose
 nodes must see `workdir` and `images_dir` at the same paths. Ray is imported
 only here, when the engine runs (`pip install '.[ray]'`).
 """
-# The second engine of `label`: it shares the first one's internals.
-# pylint: disable=protected-access
-
 import contextlib
 import csv
 import glob
 import heapq
-import io
 import logging as std_logging
 import os
 import shutil
 import time
-import types
 from typing import Dict, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
@@ -43,8 +38,8 @@ from absl import logging
 from gender_jax import fileio
 from gender_jax import image_io
 from gender_jax import label
+from gender_jax import label_csv
 from gender_jax import label_report
-from gender_jax import labels as labels_lib
 from gender_jax import predict
 
 # Memory reserved by a decode task (a batch of full-size photos in PIL). Being
@@ -68,13 +63,6 @@ def _text(value: bytes) -> str:
 
 def _raw(text: str) -> bytes:
   return text.encode('utf-8', 'surrogateescape')
-
-
-def _csv_bytes(rows: Sequence[Sequence[str]]) -> bytes:
-  """`rows` as the CSV writer of the local engine writes them."""
-  buffer = io.StringIO(newline='')
-  csv.writer(buffer).writerows(rows)
-  return _raw(buffer.getvalue())
 
 
 # ------------------------------------------------------------------ shards --
@@ -114,12 +102,13 @@ def _write_shard(shard_dir: str, number: int, header, rows) -> None:
   os.makedirs(shard_dir, exist_ok=True)
   rows.sort(key=lambda row: row[0])
   fileio.write_atomic(os.path.join(shard_dir, f'part-{number:06d}.csv'),
-                      _csv_bytes([header]) + b''.join(r for _, r in rows))
+                      label_csv.csv_bytes([header])
+                      + b''.join(r for _, r in rows))
 
 
 def _keyed_rows(shard: str, header, order: Dict[str, int]) -> Iterator:
   """((file-list position, path), row) of each row of `shard`, in order."""
-  for row in label._data_rows(shard, header):
+  for row in label_csv.data_rows(shard, header):
     yield (order.get(row[0], len(order)), row[0]), row
 
 
@@ -138,7 +127,7 @@ def _compact(shard_dir: str, header, order) -> List[str]:
   shards = shard_files(shard_dir)
   while len(shards) > MERGE_FAN_IN:
     group = shards[:MERGE_FAN_IN]
-    rows = [(i, _csv_bytes([row])) for i, row in
+    rows = [(i, label_csv.csv_bytes([row])) for i, row in
             enumerate(_merged(group, header, order))]
     _write_shard(shard_dir, _next_number(shard_dir), header, rows)
     for shard in group:
@@ -172,16 +161,14 @@ def merge_shards(outputs: Dict[str, str], header, files: Sequence[str],
 # ---------------------------------------------------------- Ray functions --
 
 
-def _describe(workdir: str, options: dict):
-  """What the driver needs of the model (a Ray task: the driver never
-  starts JAX, so a GPU beside it stays free for an actor)."""
-  predictor = label._load_predictor(workdir, **options)
-  return types.SimpleNamespace(
-      mc_samples=predictor.mc_samples, batch_size=predictor.batch_size,
-      seed=predictor.seed, runtime=predictor.runtime, tta=predictor.tta,
-      temperature=predictor.temperature, image_size=predictor.image_size,
-      output_keys=predictor.output_keys,
-      meta={'step': predictor.meta.get('step')})
+def _describe(workdir: str, options: dict) -> dict:
+  """What the driver needs of the model: its `settings()`, batch_size and
+  image_size (a Ray task: the driver never starts JAX, so a GPU beside it
+  stays free for an actor)."""
+  predictor = label.load_predictor(workdir, **options)
+  return {'settings': predictor.settings(),
+          'batch_size': predictor.batch_size,
+          'image_size': predictor.image_size}
 
 
 def decode_batch(batch: dict, images_dir: str, image_size, resize: str,
@@ -203,20 +190,20 @@ class ModelActor:
 
   def __init__(self, workdir: str, options: dict, step):
     self.predictor = predict.Predictor.from_workdir(workdir, **options)
-    if self.predictor.meta.get('step') != step:
+    if self.predictor.checkpoint_step != step:
       raise label.LabelError(
           f'the best checkpoint of {workdir} changed during labelling (step '
-          f'{step}, now {self.predictor.meta.get("step")}): rerun.')
-    label._warm_up(self.predictor)
+          f'{step}, now {self.predictor.checkpoint_step}): rerun.')
+    self.header = label_csv.columns(self.predictor.mc_samples)
+    self.predictor.warm_up()
 
   def __call__(self, batch: dict) -> dict:
     paths = [_text(p) for p in batch['path']]
     errors = [_text(e) for e in batch['error']]
     out = self.predictor.predict(batch['image'], predict.path_ids(paths))
-    rows = label._format_rows(
-        paths, errors, out, self.predictor.output_keys[1:],
-        labels_lib.CLASS_NAMES)
-    return {'index': batch['index'], 'row': [_csv_bytes([r]) for r in rows],
+    rows = label_csv.format_rows(paths, errors, out, self.header)
+    return {'index': batch['index'],
+            'row': [label_csv.csv_bytes([r]) for r in rows],
             'failed': np.asarray([bool(e) for e in errors])}
 
 
@@ -310,7 +297,7 @@ def _blocks(todo, order, framing, batch_size: int, actors: int):
                'path': pa.array([_raw(p) for p in paths], pa.binary())}
     if framing.table:
       columns['box'] = pa.array(
-          [framing.box(p) or [np.nan] * 4 for p in paths],
+          [box or [np.nan] * 4 for box in framing.boxes_of(paths)],
           pa.list_(pa.float64(), 4))
     yield pa.table(columns)
 
@@ -318,21 +305,19 @@ def _blocks(todo, order, framing, batch_size: int, actors: int):
 def _dataset(ray, todo, order, images_dir, info, framing, workdir, actors,
              actor_args, num_threads):
   """The Ray Data pipeline: paths -> decoded batches -> CSV rows."""
-  options = dict(mc_samples=info.mc_samples, batch_size=info.batch_size,
-                 seed=info.seed, runtime=info.runtime, tta=info.tta,
-                 temperature=info.temperature)
-  blocks = list(_blocks(todo, order, framing, info.batch_size, actors))
+  options = dict(info['settings'], batch_size=info['batch_size'])
+  step = options.pop('checkpoint_step')
+  blocks = list(_blocks(todo, order, framing, info['batch_size'], actors))
   return ray.data.from_arrow(blocks).map_batches(
-      decode_batch, batch_size=info.batch_size, batch_format='numpy',
+      decode_batch, batch_size=info['batch_size'], batch_format='numpy',
       num_cpus=1, memory=DECODE_MEMORY,
-      fn_kwargs=dict(images_dir=images_dir, image_size=info.image_size,
+      fn_kwargs=dict(images_dir=images_dir, image_size=info['image_size'],
                      resize=framing.resize, box_margin=framing.box_margin,
                      num_threads=num_threads),
   ).map_batches(
-      ModelActor, batch_size=info.batch_size, batch_format='numpy',
+      ModelActor, batch_size=info['batch_size'], batch_format='numpy',
       compute=ray.data.ActorPoolStrategy(size=actors),
-      fn_constructor_kwargs=dict(workdir=workdir, options=options,
-                                 step=info.meta.get('step')),
+      fn_constructor_kwargs=dict(workdir=workdir, options=options, step=step),
       **actor_args)
 
 
@@ -364,7 +349,7 @@ def run(config, workdir: str, images_dir: str, outputs: Dict[str, str],
         num_workers: Optional[int] = None) -> dict:
   """Labels the images not yet in the CSV (nor in shards) on Ray; merges.
 
-  `framing_and_line`: `label.resolve_framing`'s (Framing, line); the line
+  `framing_and_line`: `framing.resolve_framing`'s (Framing, line); the line
   is shown once the model is found. `options`: the Predictor's
   mc_samples, batch_size, seed, runtime and tta.
   `num_workers`: decoding threads per decode task (default 1: Ray runs
@@ -377,28 +362,28 @@ def run(config, workdir: str, images_dir: str, outputs: Dict[str, str],
     actors, actor_args = _actor_resources(ray, num_actors)
     shards = pending_shards(outputs)
     info = _model_info(ray, workdir, options)
-    label._announce(framing_line, progress)
-    header, files, done, num_dropped = label._prepare(
-        config, workdir, images_dir, outputs, info, framing)
+    label.announce(framing_line, progress)
+    header, files, done, num_dropped = label.prepare(
+        config, workdir, images_dir, outputs, info['settings'], framing)
     output_csv = outputs['csv']
     if not os.path.exists(output_csv) or not os.path.getsize(output_csv):
-      fileio.write_atomic(output_csv, _csv_bytes([header]))
+      fileio.write_atomic(output_csv, label_csv.csv_bytes([header]))
     sharded = {row[0] for s in shards
-               for row in label._data_rows(s, header)}
-    todo = label._todo(files, done | sharded, images_dir, progress)
+               for row in label_csv.data_rows(s, header)}
+    todo = label.images_to_do(files, done | sharded, images_dir, progress)
     start = time.perf_counter()
     num_errors, startup = 0, 0.0
     if todo:
       dataset = _dataset(ray, todo, {p: i for i, p in enumerate(files)},
                          images_dir, info, framing, workdir, actors,
                          actor_args, num_workers or 1)
-      with label._progress_bar(files, todo, progress) as bar:
+      with label.progress_bar(files, todo, progress) as bar:
         num_errors, startup = _stream_to_shards(dataset, outputs['shards'],
                                                 header, bar)
     merge_shards(outputs, header, files, done)
     seconds = time.perf_counter() - start
-  summary = label._summary(
-      output_csv, files, todo, num_dropped, num_errors, info, framing,
-      None, seconds, 'ray')
+  summary = label.run_summary(
+      output_csv, files, todo, num_dropped, num_errors, info['settings'],
+      info['batch_size'], framing, None, seconds, 'ray')
   summary.update(num_actors=actors, startup_seconds=startup)
   return summary

@@ -2,7 +2,9 @@
 
 `predict_batch` is the pure function; `make_predict_fn` jits it once for a
 fixed batch shape; `Predictor` wraps a trained workdir for notebooks and the
-labeller (pads the last batch, so one compiled program serves every batch).
+labeller: arrays (`predict`) or image files (`predict_files`: decoded ahead,
+batched, one batch on the devices while the caller handles the one before),
+the last batch padded so that one compiled program serves every batch.
 
 MC-Dropout runs the model with dropout on and BatchNorm on its running
 averages (`mc_dropout=True`). All samples come from one jitted call: the
@@ -20,8 +22,10 @@ temperature (`gender_jax.calibration`) before it becomes a probability.
 (an MC sample runs both views with the same dropout key).
 """
 
+import time
 import zlib
-from typing import Dict, Optional, Sequence, Union
+from typing import (Dict, Iterator, List, NamedTuple, Optional, Sequence,
+                    Union)
 
 import jax
 import jax.numpy as jnp
@@ -182,26 +186,37 @@ def _check_runtime(runtime: str, mc_samples: int) -> None:
                        "pip install '.[onnx]'.") from e
 
 
+class FileBatch(NamedTuple):
+  """A batch of `Predictor.predict_files`: paths[start:start + len(errors)]."""
+  start: int
+  errors: List[str]                 # Per path: '' or why it did not decode.
+  outputs: Dict[str, np.ndarray]    # As `predict`; NaN for unreadable files.
+
+
 class Predictor:
   """A trained model ready for inference on numpy batches of any length.
 
   Example (notebook):
     predictor = Predictor.from_workdir('runs/stage2', mc_samples=20)
     out = predictor.predict(images_uint8)        # dict of (N,) numpy arrays
-    out, errors = predictor.predict_files(paths)
+    for batch in predictor.predict_files(paths, resize='crop'):
+      ...                                        # `FileBatch`es, in order
 
   ``runtime='onnxruntime'`` runs the deterministic pass (mc_samples=1 only)
   on the model exported by `gender_jax.onnx_export`, built in memory from
   the same variables, instead of XLA.
 
   `temperature` divides every logit (`from_workdir` reads the workdir's
-  calibration.json); `tta` is one of `TTA_MODES` (see `predict_batch`).
+  calibration.json); `tta` is one of `TTA_MODES` (see `predict_batch`);
+  `checkpoint_step` is the step of the checkpoint the variables come from
+  (None if unknown). `settings()` lists what changes the numbers.
   """
 
   def __init__(self, model, variables, image_size, *, mc_samples: int = 1,
                batch_size: int = 64, seed: int = 0,
                mesh: Optional[Mesh] = None, runtime: str = 'jax',
-               temperature: float = 1.0, tta: str = 'none'):
+               temperature: float = 1.0, tta: str = 'none',
+               checkpoint_step: Optional[int] = None):
     _check_runtime(runtime, mc_samples)
     check_options(temperature, tta)
     self.runtime = runtime
@@ -212,6 +227,7 @@ class Predictor:
     self.mc_samples = mc_samples
     self.batch_size = batch_size
     self.seed = seed
+    self.checkpoint_step = checkpoint_step
     self.mesh = mesh or local_mesh()
     n_dev = self.mesh.devices.size
     if batch_size < 1 or batch_size % n_dev:
@@ -230,7 +246,7 @@ class Predictor:
       self._onnx = onnx_predict.OnnxModel.from_variables(
           variables, image_size, temperature=temperature)
     self._data = sharding_lib.data_sharding(self.mesh)
-    self.meta = {}      # The checkpoint's meta (step, epoch...) if known.
+    self._keys = ('logit', 'p_male') + (MC_KEYS if mc_samples > 1 else ())
 
   @classmethod
   def from_workdir(cls, workdir: str, **kwargs) -> 'Predictor':
@@ -242,22 +258,38 @@ class Predictor:
     if 'temperature' not in kwargs:
       kwargs['temperature'] = calibration.read_temperature(workdir,
                                                            meta.get('step'))
-    predictor = cls(model, variables, config.image_size, **kwargs)
-    predictor.meta = meta
-    return predictor
+    return cls(model, variables, config.image_size,
+               checkpoint_step=meta.get('step'), **kwargs)
 
-  @property
-  def output_keys(self):
-    return ('logit', 'p_male') + (MC_KEYS if self.mc_samples > 1 else ())
+  def settings(self) -> dict:
+    """What changes the numbers (the constructor's arguments and the
+    checkpoint's step), e.g. for a results file to record."""
+    return {'mc_samples': self.mc_samples, 'seed': self.seed,
+            'runtime': self.runtime, 'temperature': self.temperature,
+            'tta': self.tta, 'checkpoint_step': self.checkpoint_step}
 
-  def dispatch(self, images: np.ndarray, ids: np.ndarray):
-    """Starts one full batch (exactly batch_size) on the devices, async
-    (ONNX Runtime: runs it and returns numpy arrays)."""
+  def _dispatch(self, images: np.ndarray, ids: np.ndarray):
+    """Starts one batch (padded to batch_size: one compiled program serves
+    all) on the devices, async (ONNX Runtime: runs it, returns numpy)."""
+    images, ids = self._pad(images, np.uint8), self._pad(ids, np.uint32)
     if self._onnx is not None:
       return self._onnx_outputs(images)
     images = jax.device_put(images, self._data)
-    ids = jax.device_put(np.asarray(ids, np.uint32), self._data)
+    ids = jax.device_put(ids, self._data)
     return self._fn(self.variables, images, ids)
+
+  def _pad(self, x, dtype) -> np.ndarray:
+    """`x` as `dtype`, zero-padded to batch_size rows."""
+    x = np.asarray(x, dtype)
+    if len(x) == self.batch_size:
+      return x
+    out = np.zeros((self.batch_size, *x.shape[1:]), dtype)
+    out[:len(x)] = x
+    return out
+
+  def _fetch(self, outputs, n: int) -> Dict[str, np.ndarray]:
+    """The first `n` rows of a dispatched batch's outputs, as numpy."""
+    return {k: np.asarray(outputs[k])[:n] for k in self._keys}
 
   def _onnx_outputs(self, images: np.ndarray) -> Dict[str, np.ndarray]:
     """ONNX Runtime's outputs; with tta='flip' one run over the images and
@@ -269,16 +301,13 @@ class Predictor:
     return {'logit': logits,
             'p_male': np.exp(-np.logaddexp(np.float32(0), -logits))}
 
-  def pad(self, images: np.ndarray, ids: np.ndarray):
-    """Zero-pads images and ids to batch_size rows (each if shorter)."""
-    def fill(x, dtype):
-      x = np.asarray(x, dtype)
-      if len(x) == self.batch_size:
-        return x
-      out = np.zeros((self.batch_size, *x.shape[1:]), dtype)
-      out[:len(x)] = x
-      return out
-    return fill(images, np.uint8), fill(ids, np.uint32)
+  def warm_up(self) -> float:
+    """Runs one batch of zeros (compiles the program); returns its seconds,
+    so that callers can time the batches after it alone."""
+    start = time.perf_counter()
+    zeros = np.zeros((self.batch_size, *self.image_size, 3), np.uint8)
+    self._fetch(self._dispatch(zeros, np.zeros(self.batch_size, np.uint32)), 0)
+    return time.perf_counter() - start
 
   def predict(self, images, ids: Optional[np.ndarray] = None
               ) -> Dict[str, np.ndarray]:
@@ -292,23 +321,50 @@ class Predictor:
                        f'{self.image_size[0]}, {self.image_size[1]}, 3).')
     n = len(images)
     ids = np.arange(n, dtype=np.uint32) if ids is None else np.asarray(ids)
-    chunks = []
-    for start in range(0, n, self.batch_size):
-      stop = min(start + self.batch_size, n)
-      out = self.dispatch(*self.pad(images[start:stop], ids[start:stop]))
-      chunks.append((stop - start, out))
-    return {k: np.concatenate([np.asarray(o[k])[:m] for m, o in chunks])
-            if chunks else np.zeros((0,), np.float32)
-            for k in self.output_keys}
+    size = self.batch_size
+    dispatched = [(min(size, n - start),
+                   self._dispatch(images[start:start + size],
+                                  ids[start:start + size]))
+                  for start in range(0, n, size)]
+    return _concatenated([self._fetch(out, m) for m, out in dispatched],
+                         self._keys)
 
-  def predict_files(self, paths: Sequence[str], num_workers: int = 4):
-    """Decodes and predicts image files.
+  def predict_files(
+      self, paths: Sequence[str], ids: Optional[np.ndarray] = None, *,
+      resize: str = 'stretch',
+      boxes: Optional[Sequence[Optional[Sequence[float]]]] = None,
+      box_margin: float = 0.0, num_workers: int = 4) -> Iterator[FileBatch]:
+    """Decodes, frames and predicts image files: a `FileBatch` per
+    batch_size paths, in order.
 
-    Returns (outputs, errors): outputs as `predict` for the readable files
-    (NaN rows for unreadable ones), errors a {index: reason} dict.
+    `num_workers` threads decode ahead (`image_io.decode_batches`; `resize`,
+    `boxes` (a face box or None per path) and `box_margin` frame each image
+    as `image_io.decode` does), and the next batch runs on the devices while
+    the caller handles this one. `ids` as in `predict` (default: `path_ids`
+    of `paths`).
     """
-    images, errors = image_io.load_images(paths, self.image_size, num_workers)
-    out = self.predict(images, path_ids(paths))
-    for k in out:
-      out[k][list(errors)] = np.nan
-    return out, errors
+    ids = path_ids(paths) if ids is None else np.asarray(ids, np.uint32)
+    start, in_flight = 0, None
+    for images, errors in image_io.decode_batches(
+        paths, self.image_size, self.batch_size, num_workers, resize=resize,
+        boxes=boxes, box_margin=box_margin):
+      out = self._dispatch(images, ids[start:start + len(errors)])
+      if in_flight is not None:
+        yield self._file_batch(*in_flight)
+      in_flight, start = (start, errors, out), start + len(errors)
+    if in_flight is not None:
+      yield self._file_batch(*in_flight)
+
+  def _file_batch(self, start: int, errors: List[str], out) -> FileBatch:
+    """A dispatched batch as numpy, NaN where a file did not decode."""
+    readable = np.asarray([not e for e in errors])
+    return FileBatch(start, errors, {
+        k: np.where(readable, v, np.float32(np.nan))
+        for k, v in self._fetch(out, len(errors)).items()})
+
+
+def _concatenated(chunks: Sequence[Dict[str, np.ndarray]], keys
+                  ) -> Dict[str, np.ndarray]:
+  """The `keys` of `chunks` (dicts of (n,) arrays) joined; (0,) if none."""
+  return {k: np.concatenate([c[k] for c in chunks]) if chunks
+          else np.zeros((0,), np.float32) for k in keys}

@@ -249,8 +249,10 @@ def test_labeller_records_temperature_and_tta(tmp_path, make_workdir):
   with open(flipped, newline='') as f:
     rows = {r['path']: float(r['p_male']) for r in csv.DictReader(f)}
   paths = sorted(rows)
-  want = predict.Predictor.from_workdir(workdir, tta='flip').predict_files(
-      [os.path.join(images, p) for p in paths])[0]['p_male']
+  want = np.concatenate([
+      batch.outputs['p_male'] for batch in predict.Predictor.from_workdir(
+          workdir, tta='flip').predict_files(
+              [os.path.join(images, p) for p in paths])])
   np.testing.assert_allclose([rows[p] for p in paths], want, rtol=1e-5)
 
 

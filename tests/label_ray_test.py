@@ -15,6 +15,7 @@ import pytest
 
 from gender_jax import image_io
 from gender_jax import label
+from gender_jax import label_csv
 from gender_jax import label_ray
 from gender_jax import synthetic
 
@@ -127,8 +128,7 @@ def test_keys_do_not_depend_on_batch_size(workdir, images, reference,
 
 
 def _rows(path, mc_samples=MC):
-  header = label.columns(mc_samples)
-  return list(label._data_rows(str(path), header))  # pylint: disable=protected-access
+  return list(label_csv.data_rows(str(path), label_csv.columns(mc_samples)))
 
 
 def _numbers(rows):
@@ -157,7 +157,7 @@ def test_driver_killed_after_one_shard_resumes(workdir, images, reference,
   monkeypatch.setattr(label_ray, '_write_shard', real)
   shards = label_ray.shard_files(str(out) + '.ray')
   assert len(shards) == 1
-  header = label.columns(MC)
+  header = label_csv.columns(MC)
   assert out.read_bytes().decode().splitlines() == [','.join(header)]
   with pytest.raises(label.LabelError, match='interrupted --engine=ray run'):
     run(workdir, images, out, engine='local')

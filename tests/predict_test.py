@@ -80,17 +80,43 @@ def test_mc_dropout_positive_rate_is_stochastic_and_deterministic_per_id(
   assert np.abs(many.predict(images, ids)['mc_mean'] - out['p_male']).max() < 0.15
 
 
-def test_predict_files_reports_broken_files(workdir, tmp_path):
-  synthetic.make_raw_dataset(str(tmp_path), counts={'Test': (2, 2)})
-  broken = synthetic.add_broken_files(str(tmp_path / 'Test' / 'Male'))
+def test_predict_files_yields_each_batch_in_order_unpadded(workdir, tmp_path):
+  """Batches of batch_size paths in order (the last one short), framed as
+  `image_io.decode` frames them: the numbers of `predict` on the decoded
+  images with the paths' ids, NaN and the reason for unreadable files."""
+  synthetic.make_raw_dataset(str(tmp_path), counts={'Test': (4, 5)})
+  synthetic.add_broken_files(str(tmp_path / 'Test' / 'Male'))
   from gender_jax import image_io  # pylint: disable=g-import-not-at-top
   paths = [str(tmp_path / 'Test' / p)
            for p in image_io.list_images(str(tmp_path / 'Test'))]
-  out, errors = predict.Predictor.from_workdir(
-      workdir, batch_size=8).predict_files(paths)
-  assert {paths[i] for i in errors} == set(broken)
-  assert np.isnan(out['p_male'][list(errors)]).all()
-  assert np.isfinite(np.delete(out['p_male'], list(errors))).all()
+  boxes = [(1, 1, 10, 12)] + [None] * (len(paths) - 1)
+  predictor = predict.Predictor.from_workdir(workdir, mc_samples=3,
+                                             batch_size=4)
+  batches = list(predictor.predict_files(paths, resize='crop', boxes=boxes,
+                                      box_margin=0.1, num_workers=2))
+  assert [(b.start, len(b.errors)) for b in batches] == [
+      (i, min(4, len(paths) - i)) for i in range(0, len(paths), 4)]
+  decoded = [image_io.decode(p, predictor.image_size, 'crop', box, 0.1)
+             for p, box in zip(paths, boxes)]
+  assert [e for b in batches for e in b.errors] == [r for _, r in decoded]
+  ok = [i for i, (image, _) in enumerate(decoded) if image is not None]
+  assert 0 < len(ok) < len(paths)
+  want = predictor.predict(np.stack([decoded[i][0] for i in ok]),
+                           predict.path_ids(paths)[ok])
+  assert set(want) == set(batches[0].outputs)
+  for k, values in want.items():
+    got = np.concatenate([b.outputs[k] for b in batches])
+    np.testing.assert_allclose(got[ok], values, rtol=1e-5, atol=1e-6)
+    assert np.isnan(np.delete(got, ok)).all()
+
+
+def test_settings_and_warm_up(workdir):
+  predictor = predict.Predictor.from_workdir(workdir, mc_samples=2, seed=3,
+                                             batch_size=8, tta='flip')
+  assert predictor.settings() == {
+      'mc_samples': 2, 'seed': 3, 'runtime': 'jax', 'temperature': 1.0,
+      'tta': 'flip', 'checkpoint_step': 7}
+  assert predictor.warm_up() > 0
 
 
 def test_path_ids_hash_the_file_name_bytes():
