@@ -2,35 +2,11 @@
 
 One decode shared by data preparation and the labeller, so that images seen
 at labelling time are converted and resized exactly like the training images:
-
-1. PIL decode (first frame of animations and multi-page files).
-2. EXIF orientation is applied (`PIL.ImageOps.exif_transpose`), so a phone
-   photo is seen upright, as a photo viewer shows it. The training data
-   (upright CelebA-style JPEG crops without orientation tags) are unchanged.
-3. Conversion to 8-bit RGB, by mode:
-   - L, 1, P, RGB, CMYK, YCbCr, ...: PIL's `convert('RGB')` (CMYK naively,
-     (255 - C) * (255 - K) / 255, no ICC profile).
-   - 16-bit grey (I;16, I;16B, I;16L, I;16N): value >> 8 (0..65535 ->
-     0..255). PIL's own conversion clips these at 255 (an almost white face).
-   - I (32-bit signed integers): PIL's container for deeper integer data;
-     scaled by the file's bit depth: TIFF's BitsPerSample when present
-     (less its sign bit for signed samples: a 32-bit signed TIFF holds
-     0..2**31 - 1), otherwise 16 (PIL decodes 16-bit PGM/PPM into I): clip
-     to 0..2**bits - 1, then >> (bits - 8).
-   - F (32-bit float): values in 0..1 (max <= 1) are scaled by 255, others
-     are taken as 0..255; then rounded and clipped to 0..255 (NaN -> 0).
-   - Alpha (RGBA, LA, PA, RGBa, a palette or grey/RGB image with a
-     'transparency' entry): composited over black, i.e. colour * alpha / 255.
-     Fully transparent pixels become black whatever colour they hide, and
-     opaque pixels are unchanged; where the hidden colour is black (what most
-     writers store) this equals `tf.image.decode_png(channels=3)` and Keras's
-     `load_img`, which drop alpha.
-4. Framing (`frame`): optionally the face box, enlarged by a margin, is cut
-   out; then `resize` decides how the aspect ratio meets the model's:
-   'stretch' (the original's: the whole image is resized, distorting it),
-   'crop' (the largest centred region of the model's aspect) or 'pad' (the
-   whole image, centred on black bars).
-5. Bilinear resize (PIL) to (width, height).
+PIL decode (first frame) -> EXIF orientation (`PIL.ImageOps.exif_transpose`:
+a phone photo is seen upright) -> 8-bit RGB for every PIL mode (`to_rgb`) ->
+framing (`frame`: face box and margin; 'stretch', 'crop' or 'pad' to the
+model's aspect) -> bilinear resize. `decode` never raises: an unreadable file
+gives a one-line reason instead.
 """
 
 import collections
@@ -60,7 +36,7 @@ def _tiff_tag(image: Image.Image, tag: int):
 
 
 def _integer_bits(image: Image.Image) -> int:
-  """Value bits of the data in a mode 'I*' image (see the module docstring)."""
+  """Value bits of the data in a mode 'I*' image (see `to_rgb`)."""
   if image.mode.startswith('I;16'):
     return 16
   bits = _tiff_tag(image, _TIFF_BITS_PER_SAMPLE)
@@ -70,7 +46,26 @@ def _integer_bits(image: Image.Image) -> int:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-  """8-bit RGB version of a PIL image of any mode (rules: module docstring)."""
+  """8-bit RGB version of a PIL image of any mode, by mode:
+
+  - L, 1, P, RGB, CMYK, YCbCr, ...: PIL's `convert('RGB')` (CMYK naively,
+    (255 - C) * (255 - K) / 255, no ICC profile).
+  - 16-bit grey (I;16, I;16B, I;16L, I;16N): value >> 8 (0..65535 ->
+    0..255). PIL's own conversion clips these at 255 (an almost white face).
+  - I (32-bit signed integers): PIL's container for deeper integer data;
+    scaled by the file's bit depth: TIFF's BitsPerSample when present
+    (less its sign bit for signed samples: a 32-bit signed TIFF holds
+    0..2**31 - 1), otherwise 16 (PIL decodes 16-bit PGM/PPM into I): clip
+    to 0..2**bits - 1, then >> (bits - 8).
+  - F (32-bit float): values in 0..1 (max <= 1) are scaled by 255, others
+    are taken as 0..255; then rounded and clipped to 0..255 (NaN -> 0).
+  - Alpha (RGBA, LA, PA, RGBa, a palette or grey/RGB image with a
+    'transparency' entry): composited over black, i.e. colour * alpha / 255.
+    Fully transparent pixels become black whatever colour they hide, and
+    opaque pixels are unchanged; where the hidden colour is black (what most
+    writers store) this equals `tf.image.decode_png(channels=3)` and Keras's
+    `load_img`, which drop alpha.
+  """
   if image.mode == 'RGB':
     return image
   if image.mode == 'I' or image.mode.startswith('I;16'):
@@ -114,7 +109,9 @@ def frame(image: Image.Image, image_size: Sequence[int],
   """The region of an RGB image the model sees, at `image_size` = (H, W).
 
   `box` (x, y, w, h pixels) first cuts out the face grown by `box_margin`;
-  `resize` is 'stretch', 'crop' or 'pad' (module docstring, step 4).
+  `resize`: 'stretch' (the original's: the whole image, its aspect
+  distorted), 'crop' (the largest centred region of the model's aspect) or
+  'pad' (the whole image, centred on black bars).
   """
   if resize not in RESIZE_MODES:
     raise ValueError(f'resize={resize!r}: expected one of {RESIZE_MODES}')

@@ -163,8 +163,7 @@ def merge_shards(outputs: Dict[str, str], header, files: Sequence[str],
 
 def _describe(workdir: str, options: dict) -> dict:
   """What the driver needs of the model: its `settings()`, batch_size and
-  image_size (a Ray task: the driver never starts JAX, so a GPU beside it
-  stays free for an actor)."""
+  image_size (`_model_info` says where it runs)."""
   predictor = label.load_predictor(workdir, **options)
   return {'settings': predictor.settings(),
           'batch_size': predictor.batch_size,
@@ -258,7 +257,11 @@ def _session(address: Optional[str]):
 
 
 def _model_info(ray, workdir: str, options: dict):
-  """`_describe` run in a CPU-only Ray task; its LabelError re-raised here."""
+  """`_describe`, here on a cluster without GPUs (JAX in this process then
+  takes no accelerator from an actor, and no worker has to start JAX for
+  it), else in a CPU-only Ray task, its LabelError re-raised here."""
+  if not ray.cluster_resources().get('GPU'):
+    return _describe(workdir, options)
   task = ray.remote(_describe).options(
       num_cpus=1, num_gpus=0, max_retries=0,
       runtime_env={'env_vars': {'JAX_PLATFORMS': 'cpu'}})

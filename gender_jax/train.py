@@ -71,8 +71,8 @@ def validation_metrics(labels, logits) -> Dict[str, Any]:
   """{'loss', 'accuracy', 'count'} of a split's logits: mean binary
   cross-entropy and the fraction right (male when logit >= 0).
 
-  Both are float32 values, as Keras logs them for its callbacks (the
-  accuracy k/n rounded to float32 is the value of earlier versions exactly).
+  Both are float32 values, as Keras logs them for its callbacks (early
+  stopping's min_delta compares them at that precision).
   """
   correct = (np.asarray(logits) >= 0) == (np.asarray(labels) == 1)
   return {'loss': float(np.float32(evaluate.log_loss(labels, logits))),
@@ -108,9 +108,8 @@ class LoopState:
 
   @classmethod
   def from_json(cls, data: Dict[str, Any]) -> 'LoopState':
-    """Reads `to_json` output; the untyped dict of earlier versions (an optax
-    plateau scale, flax-style early-stopping keys) is an
-    `checkpointing.IncompatibleError`: their runs do not resume here."""
+    """Reads `to_json` output; loop metadata of another format is an
+    `checkpointing.IncompatibleError` (the run does not resume here)."""
     data = dict(data)
     plateau, stopping = data.pop('plateau'), data.pop('early_stopping')
     if 'scale' in plateau or 'best_metric' in stopping:

@@ -276,20 +276,30 @@ def test_script_error_after_ray_starts_is_one_line(workdir, images,
 @pytest.mark.multiprocess
 def test_two_node_cluster(workdir, images, reference, tmp_path):
   """A simulated cluster of two nodes (one actor on each) joined by
-  address writes the same CSV."""
+  address writes the same CSV. Each node declares one GPU (JAX runs on the
+  CPU): an actor per GPU, and the model described in a Ray task, not in
+  the driver."""
   out = tmp_path / 'r.csv'
   script = textwrap.dedent(f"""
       from ray import cluster_utils
       from gender_jax import label
+      from gender_jax import label_ray
+      in_driver = []
+      describe = label_ray._describe
+      def counted(*args):
+        in_driver.append(1)       # (A task counts in its worker's copy.)
+        return describe(*args)
+      label_ray._describe = counted
       cluster = cluster_utils.Cluster(
-          initialize_head=True, head_node_args={{'num_cpus': 2}})
-      cluster.add_node(num_cpus=2)
+          initialize_head=True, head_node_args={{'num_cpus': 2, 'num_gpus': 1}})
+      cluster.add_node(num_cpus=2, num_gpus=1)
       try:
         summary = label.label_images(
             {workdir!r}, {images!r}, {str(out)!r}, mc_samples={MC},
             batch_size=8, progress=False, engine='ray',
             ray_address=cluster.address)
         assert summary['num_actors'] == 2, summary
+        assert not in_driver
       finally:
         cluster.shutdown()
       """)
