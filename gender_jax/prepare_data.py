@@ -1,35 +1,18 @@
 """Builds the `gender_faces` TFDS dataset from labelled sources or original shards.
 
-Two entry points, both writing `<data_dir>/gender_faces/1.0.0/`:
+`prepare_sources` turns labelled sources (`gender_jax.sources`: folders,
+UTKFace, CelebA, a CSV) into TFRecord shards in the original project's format
+(`images` = `tf.io.serialize_tensor` of uint8 HxWx3 RGB, `label` int64, male
+= 1) plus TFDS metadata, decoding with `image_io.decode` (as the labeller
+does) in worker processes, one shard per task; unreadable files are skipped
+with their reason. One source gives the splits train/validation/test; several
+give `<part>_<source>` splits (`dataset.resolve_split` names their unions),
+and the sources and their counts go into `metadata.json`. `wrap_tfrecords`
+links (or copies) the original project's shards under TFDS names instead.
 
-* `prepare_sources`: one or more labelled sources (`gender_jax.sources`:
-  raw folders, UTKFace, CelebA, a CSV) -> TFRecord shards in the original
-  project's format (`images` = `tf.io.serialize_tensor` bytes of a uint8
-  HxWx3 RGB image, `label` = int64, male = 1) + TFDS metadata. Decoding,
-  framing, resizing and writing run in worker processes, one whole shard per
-  task. `prepare_raw` is the one-folder-set case.
-* `wrap_tfrecords`: the original project's shards (`train_male.tfrecord-01-of-20`
-  ...) are linked (or copied) under TFDS shard names and metadata is written;
-  images are not decoded or re-encoded.
-
-Splits: one source gives the splits `train`, `validation` and `test`.
-Several sources give one split per source and part, `<part>_<source>`
-(`train_utkface`, `test_folders`, ...): training mixes the `train_*` splits
-with configured weights, `evaluate.py --split=test_utkface` reports one
-source, and `train`/`validation`/`test` name the union of a part's splits
-(`dataset.resolve_split`). The sources and their counts are recorded in the
-dataset's metadata (`metadata.json`).
-
-Output is written to `<version>.tmp-<pid>` and renamed into place, so an
-interrupted run never leaves a dataset that loads; a later run removes the
-`.tmp-<pid>` folders of runs whose process is gone (e.g. killed with -9).
-Worker processes die with the run (Linux parent-death signal, else a
-watchdog thread), so a killed run leaves none behind.
-
-Images are decoded by `gender_jax.image_io.decode`, shared with the labeller
-(EXIF orientation, 8-bit RGB for every PIL mode, alpha over black, framing,
-bilinear resize: rules in `gender_jax.image_io`). Files it cannot decode
-are skipped, logged and counted.
+Either writes `<data_dir>/gender_faces/1.0.0/` atomically (a temporary folder
+renamed into place; those of killed runs are removed by the next run), and
+worker processes die with the run.
 """
 
 import concurrent.futures
