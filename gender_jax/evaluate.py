@@ -261,19 +261,28 @@ def predict_split(config, builder, mesh, predict_fn, variables, split: str,
   variables = jax.device_put(variables, sharding_lib.replicated(mesh))
   labels, logits = [], []
   worst = _WorstErrors(max_wrong)
-  seen = 0
   ids = None                  # Unused without MC (global zeros, made once).
+
+  def collect(batch, out, start: int) -> int:
+    """Reads a finished batch's real examples; returns how many."""
+    mask = _to_host(batch['mask'])
+    labels.append(_to_host(batch['label'], mask))
+    logits.append(_to_host(out['logit'], mask))
+    worst.add_batch(start, labels[-1], _to_host(out['p_male'], mask),
+                    functools.partial(_to_host, batch['image'], mask))
+    return len(labels[-1])
+
+  seen, in_flight = 0, None   # The next batch runs while this one is read.
   for batch in input_pipeline.eval_iterator(config, builder, mesh, split):
     if ids is None:
       ids = jax.numpy.zeros(batch['label'].shape, jax.numpy.uint32,
                             device=sharding_lib.data_sharding(mesh))
     out = predict_fn(variables, batch['image'], ids)
-    mask = _to_host(batch['mask'])
-    labels.append(_to_host(batch['label'], mask))
-    logits.append(_to_host(out['logit'], mask))
-    worst.add_batch(seen, labels[-1], _to_host(out['p_male'], mask),
-                    functools.partial(_to_host, batch['image'], mask))
-    seen += len(labels[-1])
+    if in_flight is not None:
+      seen += collect(*in_flight, seen)
+    in_flight = batch, out
+  if in_flight is not None:
+    seen += collect(*in_flight, seen)
   expected = input_pipeline.num_examples(builder, split)
   if not seen or seen > expected or (seen < expected and not config.eval_steps):
     raise RuntimeError(f'evaluated {seen} examples of {split!r}, but the '
