@@ -9,7 +9,7 @@ of that without changing any prediction (T > 0 keeps the logit's sign).
 and log loss before and after (`calibrate_logits`, which training calls with
 its final evaluation's logits). Every place a probability leaves the model
 (`predict.Predictor.from_workdir`, `evaluate`, `label`, `onnx_export`) reads
-it with `read_temperature`; a workdir without the file behaves as before
+it with `read_temperature`; a workdir without the file is uncalibrated
 (T = 1).
 """
 
