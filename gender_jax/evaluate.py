@@ -8,7 +8,9 @@ input pipeline pads the last batch and masks the padding) and writes, into
                            macro/weighted F1, confusion matrix, ROC AUC, log
                            loss, expected calibration error (+ its bins) of
                            p(male) calibrated by the workdir's temperature
-                           (log loss and ECE also before it), and what it
+                           (log loss and ECE also before it; what ECE a
+                           perfectly calibrated model shows on as many
+                           examples), and what it
                            was computed on: workdir, checkpoint and its
                            step/epoch, data_dir, split, image sizes,
                            temperature, test-time augmentation (tta)
@@ -105,6 +107,27 @@ def expected_calibration_error(bins: Sequence[dict]) -> float:
                    for b in bins if b['count'])) if total else float('nan')
 
 
+def ece_if_calibrated(p_male, num_bins: int = NUM_BINS, draws: int = 200,
+                      seed: int = 0) -> Dict[str, float]:
+  """{'mean', 'p95'} of the ECE that a perfectly calibrated model with these
+  p(male) shows on this many examples (labels drawn from its own p, `draws`
+  times): ECE is biased up by sampling, so a measured ECE near 'mean' is
+  noise, and only one above 'p95' shows miscalibration.
+  """
+  p = np.asarray(p_male, np.float64)
+  confidence = np.maximum(p, 1.0 - p)
+  edges = np.linspace(0.5, 1.0, num_bins + 1)
+  index = np.clip(np.searchsorted(edges, confidence, side='right') - 1, 0,
+                  num_bins - 1)
+  expected = np.bincount(index, confidence, num_bins)
+  rng = np.random.default_rng(seed)
+  eces = [np.abs(np.bincount(index, rng.random(len(p)) < confidence,
+                             num_bins) - expected).sum() / len(p)
+          for _ in range(draws)]
+  return {'mean': float(np.mean(eces)),
+          'p95': float(np.percentile(eces, 95))}
+
+
 def calibration_errors(labels, logits, num_bins: int = NUM_BINS
                        ) -> Dict[str, float]:
   """{'log_loss', 'ece'} of logits: how far p(male) is from the labels'
@@ -152,6 +175,7 @@ def classification_report(labels, logits, num_bins: int = NUM_BINS) -> dict:
                   if len(np.unique(labels)) == 2 else None),
       'log_loss': log_loss(labels, logits),
       'ece': expected_calibration_error(bins),
+      'ece_if_calibrated': ece_if_calibrated(p_male, num_bins),
       'calibration_bins': bins,
   }
 
@@ -191,6 +215,9 @@ def format_report(report: dict) -> str:
   auc = report['roc_auc']
   lines += ['', f"ROC AUC {'n/a' if auc is None else f'{auc:.4f}'}   "
             f"log loss {report['log_loss']:.4f}   ECE {report['ece']:.4f}"]
+  noise = report['ece_if_calibrated']
+  lines.append(f"ECE of a perfectly calibrated model on {n} examples: "
+               f"{noise['mean']:.4f} on average, 95% below {noise['p95']:.4f}")
   if 'temperature' in report:
     lines.append(f"temperature {report['temperature']:.4f}; uncalibrated: "
                  f"log loss {report['log_loss_uncalibrated']:.4f}   "

@@ -73,6 +73,24 @@ def test_report_equals_sklearn_and_numpy():
   assert 'macro avg' in table and f"{r['accuracy']:.4f}" in table
 
 
+def test_ece_if_calibrated_is_the_sampling_noise_of_ece():
+  # Every p = 0.9: the ECE of n labels drawn from p is |k/n - 0.9|, k ~
+  # Binomial(n, 0.9), whose mean is ~sd * sqrt(2 / pi) (normal limit).
+  for n in (1000, 4000):
+    noise = evaluate.ece_if_calibrated(np.full(n, 0.9), draws=4000)
+    sd = np.sqrt(0.9 * 0.1 / n)
+    assert noise['mean'] == pytest.approx(sd * np.sqrt(2 / np.pi), rel=0.05)
+    assert noise['p95'] == pytest.approx(1.96 * sd, rel=0.1)
+  # Confidences are symmetric in p: p and 1 - p give the same noise.
+  p = np.random.default_rng(0).uniform(0, 1, 500)
+  assert (evaluate.ece_if_calibrated(p) == evaluate.ece_if_calibrated(1 - p))
+  r = evaluate.classification_report(np.ones(500, int), np.log(p / (1 - p)))
+  assert r['ece_if_calibrated'] == pytest.approx(evaluate.ece_if_calibrated(p),
+                                                rel=1e-3)
+  assert 'perfectly calibrated model on 500 examples' in (
+      evaluate.format_report(r))
+
+
 def test_report_edge_cases():
   # One class only: AUC undefined; a class never predicted has precision 0.
   r = evaluate.classification_report(np.ones(4, int), np.array([3., 2, 1, -1]))
