@@ -15,7 +15,6 @@ import argparse
 import collections
 import csv
 import os
-import re
 
 from gender_jax import labels
 from gender_jax import sources
@@ -23,20 +22,20 @@ from gender_jax import sources
 AGE_BANDS = ((0, 2), (3, 12), (13, 19), (20, 39), (40, 59), (60, 79),
              (80, 200))
 GROUPS = ('White', 'Black', 'Asian', 'Indian', 'Others')
-_NAME = re.compile(r'^(\d{1,3})_(\d)_([0-4])_')
 
 
 def test_faces(images: str, val_fraction: float, test_fraction: float):
-  """{file name: (label, age, group)} of the test part."""
+  """{file name: (label, age, group)} of the test part, read and split as
+  `prepare_data.py --source=utkface:` does (`sources.read_source`)."""
+  source = sources.read_source('utkface', images, val_fraction=val_fraction,
+                               test_fraction=test_fraction)
   faces = {}
-  for name in sorted(os.listdir(images)):
-    match = _NAME.match(name)
-    if not match:
-      continue
-    digest = sources.file_digest(os.path.join(images, name))
-    if sources.hash_split(digest, val_fraction, test_fraction) == 'test':
-      faces[name] = (labels.utkface_label(match[2]), int(match[1]),
-                     GROUPS[int(match[3])])
+  for item in source.items:
+    if item.split == 'test':
+      name = os.path.basename(item.path)
+      match = sources.UTKFACE_NAME.match(name)
+      faces[name] = (item.label, int(match['age']),
+                     GROUPS[int(match['race'])])
   return faces
 
 

@@ -67,6 +67,18 @@ def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
   return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
+def _binned(p_male, num_bins: int):
+  """(predicted class, confidence max(p, 1-p), bin edges over [0.5, 1],
+  each example's bin index) of `calibration_bins`."""
+  p = np.asarray(p_male, np.float64)
+  predicted = (p >= 0.5).astype(np.int64)
+  confidence = np.where(predicted == 1, p, 1.0 - p)
+  edges = np.linspace(0.5, 1.0, num_bins + 1)
+  index = np.clip(np.searchsorted(edges, confidence, side='right') - 1, 0,
+                  num_bins - 1)
+  return predicted, confidence, edges, index
+
+
 def calibration_bins(labels: np.ndarray, p_male: np.ndarray,
                      num_bins: int = NUM_BINS) -> List[dict]:
   """Top-label calibration: examples binned by confidence max(p, 1-p).
@@ -78,13 +90,9 @@ def calibration_bins(labels: np.ndarray, p_male: np.ndarray,
   p(male) against the fraction of males over [0, 1] (not the confidence of
   the predicted class against accuracy), drops empty bins and gives no counts.
   """
-  p = np.asarray(p_male, np.float64)
   labels = np.asarray(labels)
-  predicted = (p >= 0.5).astype(labels.dtype)
-  confidence = np.where(predicted == 1, p, 1.0 - p)
-  edges = np.linspace(0.5, 1.0, num_bins + 1)
-  index = np.clip(np.searchsorted(edges, confidence, side='right') - 1, 0,
-                  num_bins - 1)
+  predicted, confidence, edges, index = _binned(p_male, num_bins)
+  predicted = predicted.astype(labels.dtype)
   bins = []
   for i in range(num_bins):
     sel = index == i
@@ -114,15 +122,12 @@ def ece_if_calibrated(p_male, num_bins: int = NUM_BINS, draws: int = 200,
   times): ECE is biased up by sampling, so a measured ECE near 'mean' is
   noise, and only one above 'p95' shows miscalibration.
   """
-  p = np.asarray(p_male, np.float64)
-  confidence = np.maximum(p, 1.0 - p)
-  edges = np.linspace(0.5, 1.0, num_bins + 1)
-  index = np.clip(np.searchsorted(edges, confidence, side='right') - 1, 0,
-                  num_bins - 1)
+  _, confidence, _, index = _binned(p_male, num_bins)
   expected = np.bincount(index, confidence, num_bins)
   rng = np.random.default_rng(seed)
-  eces = [np.abs(np.bincount(index, rng.random(len(p)) < confidence,
-                             num_bins) - expected).sum() / len(p)
+  n = len(confidence)
+  eces = [np.abs(np.bincount(index, rng.random(n) < confidence,
+                             num_bins) - expected).sum() / n
           for _ in range(draws)]
   return {'mean': float(np.mean(eces)),
           'p95': float(np.percentile(eces, 95))}

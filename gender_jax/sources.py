@@ -39,7 +39,7 @@ EXPECTED_LAYOUT = """Expected layout (names case-insensitive):
   RAW_DIR/Validation|Valid|Val/Female|Woman/...  and  .../Male|Man/...
   RAW_DIR/Test|Testing/Female|Woman/...  and  .../Male|Man/...   (optional)"""
 REQUIRED_SPLITS = ('train', 'validation')
-_UTKFACE_NAME = re.compile(
+UTKFACE_NAME = re.compile(
     r'^(?P<age>\d{1,3})_(?P<gender>\d)_(?P<race>[0-4])_(?P<date>\d{8,})'
     r'\.jpg\.chip\.jpg$')
 _SOURCE_NAME = re.compile(r'^[a-z][a-z0-9]*$')
@@ -254,7 +254,7 @@ def _read_folders(path: str):
 def utkface_item(path: str) -> Item:
   """The Item of a UTKFace file name; ValueError saying why it is not one."""
   name = os.path.basename(path)
-  match = _UTKFACE_NAME.match(name)
+  match = UTKFACE_NAME.match(name)
   if not match:
     raise ValueError('not a UTKFace name age_gender_race_datetime.jpg.chip.'
                      'jpg')
