@@ -222,7 +222,7 @@ def format_report(report: dict) -> str:
             f"log loss {report['log_loss']:.4f}   ECE {report['ece']:.4f}"]
   noise = report['ece_if_calibrated']
   lines.append(f"ECE of a perfectly calibrated model on {n} examples: "
-               f"{noise['mean']:.4f} on average, 95% below {noise['p95']:.4f}")
+               f"mean {noise['mean']:.4f}, 95th percentile {noise['p95']:.4f}")
   if 'temperature' in report:
     lines.append(f"temperature {report['temperature']:.4f}; uncalibrated: "
                  f"log loss {report['log_loss_uncalibrated']:.4f}   "
