@@ -257,10 +257,11 @@ def _session(address: Optional[str]):
 
 
 def _model_info(ray, workdir: str, options: dict):
-  """`_describe`, here on a cluster without GPUs (JAX in this process then
-  takes no accelerator from an actor, and no worker has to start JAX for
+  """`_describe`, here on a cluster without accelerators (JAX in this
+  process then takes none from an actor, and no worker has to start JAX for
   it), else in a CPU-only Ray task, its LabelError re-raised here."""
-  if not ray.cluster_resources().get('GPU'):
+  resources = ray.cluster_resources()
+  if not (resources.get('GPU') or resources.get('TPU')):
     return _describe(workdir, options)
   task = ray.remote(_describe).options(
       num_cpus=1, num_gpus=0, max_retries=0,

@@ -180,18 +180,25 @@ def make_train_step(config, model, mesh) -> Callable:
   return step
 
 
+def _set_lr(state: TrainState, lr) -> TrainState:
+  hyperparams = dict(state.opt_state.hyperparams)
+  hyperparams['learning_rate'] = jnp.asarray(
+      lr, hyperparams['learning_rate'].dtype)
+  return state.replace(opt_state=state.opt_state._replace(
+      hyperparams=hyperparams))
+
+
+@functools.lru_cache(maxsize=None)
+def _set_lr_fn(mesh):
+  """`_set_lr` jitted once per mesh (it runs every epoch)."""
+  return jax.jit(_set_lr, out_shardings=sharding.replicated(mesh),
+                 donate_argnums=0)
+
+
 def set_learning_rate(state: TrainState, learning_rate: float,
                       mesh) -> TrainState:
   """Writes `learning_rate` into the injected Nadam hyperparameters."""
-  def set_lr(state, lr):
-    hyperparams = dict(state.opt_state.hyperparams)
-    hyperparams['learning_rate'] = jnp.asarray(
-        lr, hyperparams['learning_rate'].dtype)
-    return state.replace(opt_state=state.opt_state._replace(
-        hyperparams=hyperparams))
-  replicated = sharding.replicated(mesh)
-  return jax.jit(set_lr, out_shardings=replicated, donate_argnums=0)(
-      state, learning_rate)
+  return _set_lr_fn(mesh)(state, learning_rate)
 
 
 def get_learning_rate(state: TrainState) -> float:

@@ -75,9 +75,12 @@ def test_robust_configs_load_and_validate():
   # Stage 2: stage 1's framing and photometric ops, no rotation/zoom/shift.
   assert (robust2.aug.rotation, robust2.aug.zoom,
           robust2.aug.translation) == (0, 0, 0)
-  for op in ('scale_min', 'scale_max', 'contrast', 'saturation', 'hue',
-             'grayscale', 'blur', 'downscale'):
-    assert robust2.aug[op] == robust.aug[op], op
+  assert {op: robust2.aug[op] for op in (
+      'scale_min', 'scale_max', 'contrast', 'saturation', 'hue', 'grayscale',
+      'blur', 'downscale')} == {
+          'scale_min': 0.8, 'scale_max': 1.25, 'contrast': 0.3,
+          'saturation': 0.3, 'hue': 0.05, 'grayscale': 0.1, 'blur': 0.2,
+          'downscale': 0.25}
 
 
 def test_validate_names_every_bad_augmentation_field():

@@ -116,7 +116,13 @@ def test_settings_and_warm_up(workdir):
   assert predictor.settings() == {
       'mc_samples': 2, 'seed': 3, 'runtime': 'jax', 'temperature': 1.0,
       'tta': 'flip', 'checkpoint_step': 7}
-  assert predictor.warm_up() > 0
+  # warm_up compiles the one program a batch runs: predicting after it,
+  # a full batch or a short one (padded), compiles nothing more.
+  assert predictor._fn._cache_size() == 0
+  predictor.warm_up()
+  assert predictor._fn._cache_size() == 1
+  predictor.predict(np.zeros((3, *predictor.image_size, 3), np.uint8))
+  assert predictor._fn._cache_size() == 1
 
 
 def test_path_ids_hash_the_file_name_bytes():
