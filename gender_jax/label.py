@@ -78,10 +78,13 @@ def load_predictor(workdir, mc_samples, batch_size, seed, runtime, tta):
     raise LabelError(e) from e
 
 
-def _check_inputs(images_dir: str, labels: Optional[str],
-                  output_csv: str) -> None:
-  """Fails early (before labelling) on a missing folder, a bad labels file or
-  an --output that is a directory."""
+def _check_inputs(images_dir: str, labels: Optional[str], output_csv: str,
+                  review_below: Optional[float] = None) -> None:
+  """Fails early (before labelling) on a missing folder, a bad labels file,
+  an --output that is a directory or a review cut outside [0.5, 1]."""
+  if review_below is not None and not 0.5 <= review_below <= 1.0:
+    raise LabelError(f'--review_below={review_below}: a confidence '
+                     'max(p, 1-p) is in [0.5, 1]; give a cut there, e.g. 0.8.')
   if os.path.isdir(output_csv):
     raise LabelError(f'--output {output_csv!r} is a directory: give the path '
                      'of the CSV file to write, e.g. labels.csv.')
@@ -105,7 +108,8 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
                  box_margin: Optional[float] = None,
                  predictor: Optional[predict.Predictor] = None,
                  engine: str = 'local', ray_address: Optional[str] = None,
-                 num_actors: Optional[int] = None) -> dict:
+                 num_actors: Optional[int] = None,
+                 review_below: Optional[float] = None) -> dict:
   """Labels every image under `images_dir` into `output_csv` (resumable).
 
   Args:
@@ -139,6 +143,8 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
       None starts an embedded Ray on this machine.
     num_actors: engine='ray': model actors (default: one per GPU of the
       cluster, else one per node).
+    review_below: also list the images whose confidence max(p, 1-p) is
+      below this (in [0.5, 1]) for review, least confident first.
 
   Returns:
     A summary: counts, timings (seconds, images_per_second of the images
@@ -154,7 +160,7 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
     raise LabelError(f'engine={engine!r}: expected one of {ENGINES} (and no '
                      'ready predictor with engine=ray).')
   config = _read_config(workdir)
-  _check_inputs(images_dir, labels, output_csv)
+  _check_inputs(images_dir, labels, output_csv, review_below)
   framing, framing_line = framing_lib.resolve_framing(config, resize, boxes,
                                                       box_margin)
   outputs = output_paths(output_csv)
@@ -178,7 +184,8 @@ def label_images(workdir: str, images_dir: str, output_csv: str,
                        num_workers or min(8, os.cpu_count() or 1), progress,
                        framing)
     summary.update(label_report.summarize(
-        output_csv, images_dir, labels=labels, per_directory=per_directory))
+        output_csv, images_dir, labels=labels, per_directory=per_directory,
+        review_below=review_below))
   return summary
 
 

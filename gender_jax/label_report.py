@@ -7,6 +7,9 @@
   <stem>_mislabels.csv      labelled images ranked by how likely their given
                             label is wrong                  (given labels)
   <stem>_mislabels.png      the top candidates' faces       (given labels)
+  <stem>_review.csv         images the model doubts: confidence
+                            max(p, 1-p) below a cut, least
+                            confident first                 (review_below)
 Given labels come from a CSV (`labels=FILE`, rows of image or folder path and
 label) or from a Male/Female folder layout.
 
@@ -60,6 +63,7 @@ def report_paths(output_csv: str) -> Dict[str, str]:
       'flagged': stem + '_flagged.csv',
       'mislabels': stem + '_mislabels.csv',
       'mislabels_png': stem + '_mislabels.png',
+      'review': stem + '_review.csv',
   }
 
 
@@ -189,11 +193,15 @@ def mislabel_scores(p_male: np.ndarray, given: np.ndarray) -> np.ndarray:
 
 def summarize(output_csv: str, images_dir: Optional[str] = None, *,
               labels: Optional[str] = None,
-              per_directory: bool = False, top_images: int = 30) -> dict:
-  """Writes the per-folder, flagged and mislabel files of a labels CSV.
+              per_directory: bool = False, top_images: int = 30,
+              review_below: Optional[float] = None) -> dict:
+  """Writes the per-folder, flagged, mislabel and review files of a labels
+  CSV.
 
   With `images_dir`, the `top_images` best mislabel candidates are drawn
-  into <stem>_mislabels.png. Returns counts and the written paths.
+  into <stem>_mislabels.png. With `review_below`, the images whose
+  confidence is below it go to <stem>_review.csv. Returns counts and the
+  written paths.
   """
   outputs = report_paths(output_csv)
   paths, ok, values = read_results(output_csv)
@@ -212,7 +220,31 @@ def summarize(output_csv: str, images_dir: Optional[str] = None, *,
   if given_arr is not None:
     summary.update(_write_mislabels(outputs, paths, ok, values, predicted,
                                     given_arr, images_dir, top_images))
+  if review_below is not None:
+    summary.update(_write_review(outputs['review'], paths, ok, values,
+                                 predicted, review_below))
   return summary
+
+
+def _write_review(path, paths, ok, values, predicted, review_below) -> dict:
+  """The readable images with confidence max(p, 1-p) of the calibrated
+  p(male) below `review_below`, least confident first (ties in CSV order).
+
+  p(male), not an MC-Dropout statistic: ranked by it, the faces kept are as
+  accurate or more (benchmarks/flagging.py).
+  """
+  confidence = np.maximum(values['p_male'], 1.0 - values['p_male'])
+  idx = np.flatnonzero(ok & (confidence < review_below))
+  idx = idx[np.argsort(confidence[idx], kind='stable')]
+  mc_cols = [k for k in predict.MC_KEYS if k in values]
+  names = labels_lib.CLASS_NAMES
+  _write_csv(path, ['rank', 'path', 'predicted', 'confidence', 'p_male']
+             + mc_cols,
+             ([rank, paths[i], names[predicted[i]], _fmt(confidence[i]),
+               _fmt(values['p_male'][i])] + [_fmt(values[k][i])
+                                             for k in mc_cols]
+              for rank, i in enumerate(idx, start=1)))
+  return {'review_csv': path, 'num_to_review': len(idx)}
 
 
 def mislabel_order(p: np.ndarray, given: np.ndarray, ok: np.ndarray,

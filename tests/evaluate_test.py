@@ -91,6 +91,40 @@ def test_ece_if_calibrated_is_the_sampling_noise_of_ece():
       evaluate.format_report(r))
 
 
+def test_selective_accuracy_keeps_the_most_confident():
+  # Ten examples, confidence falling 0.99 ... 0.55; the 2nd and the last two
+  # are wrong. p(male) alternates sides, so confidence is max(p, 1 - p).
+  conf = np.array([.99, .95, .9, .85, .8, .75, .7, .65, .6, .55])
+  labels = np.arange(10) % 2
+  p = np.where(labels == 1, conf, 1 - conf)
+  p[[1, 8, 9]] = 1 - p[[1, 8, 9]]
+  kept = evaluate.selective_accuracy(labels, p, coverages=(1.0, 0.8, 0.75,
+                                                           0.7, 0.1))
+  assert [k['count'] for k in kept] == [10, 8, 8, 7, 1]
+  assert [k['accuracy'] for k in kept] == [0.7, 7 / 8, 7 / 8, 6 / 7, 1.0]
+  assert [k['threshold'] for k in kept] == pytest.approx(
+      [.55, .65, .65, .7, .99])
+  # Ranked by another score (higher kept first): the least confident first.
+  kept = evaluate.selective_accuracy(labels, p, coverages=(0.3,), score=-conf)
+  assert kept[0] == {'coverage': 0.3, 'threshold': -.65, 'count': 3,
+                     'accuracy': 1 / 3}
+  # Ties at the threshold are all kept: then more than c * N examples.
+  kept = evaluate.selective_accuracy(np.ones(4, int), [.9, .8, .8, .6],
+                                     coverages=(0.5,))
+  assert kept[0]['count'] == 3 and kept[0]['threshold'] == 0.8
+  # In the report, its scalars and its text.
+  labels, logits = random_predictions()
+  r = evaluate.classification_report(labels, logits)
+  assert [k['coverage'] for k in r['selective_accuracy']] == [0.95, 0.9, 0.8]
+  accuracies = [k['accuracy'] for k in r['selective_accuracy']]
+  assert r['accuracy'] < accuracies[0] < accuracies[1] < accuracies[2]
+  assert evaluate.scalar_metrics(r)['accuracy_most_confident_90'] == (
+      accuracies[1])
+  assert ('accuracy on the most confident 95% / 90% / 80%: '
+          + ' / '.join(f'{a:.4f}' for a in accuracies)) in (
+              evaluate.format_report(r))
+
+
 def test_report_edge_cases():
   # One class only: AUC undefined; a class never predicted has precision 0.
   r = evaluate.classification_report(np.ones(4, int), np.array([3., 2, 1, -1]))

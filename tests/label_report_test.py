@@ -94,6 +94,24 @@ def test_mislabel_ranking_from_a_labels_file(tmp_path):
   assert 'mislabels_png' not in summary            # No images folder.
 
 
+def test_review_lists_the_least_confident_first(tmp_path):
+  out = tmp_path / 'l.csv'
+  write_labels(out, ROWS)
+  summary = label_report.summarize(str(out), review_below=0.85)
+  # Confidence max(p, 1 - p): 0.7 (LATIN1, B/7), then 0.8 (A/2, A/3); ties
+  # in CSV order; the unreadable A/4 and the 0.9s are not listed.
+  review = read(summary['review_csv'])
+  assert summary['num_to_review'] == 4
+  assert [r['path'] for r in review] == [LATIN1, 'B/7.jpg', 'A/2.jpg',
+                                         'A/3.jpg']
+  assert [r['rank'] for r in review] == ['1', '2', '3', '4']
+  assert [float(r['confidence']) for r in review] == pytest.approx(
+      [0.7, 0.7, 0.8, 0.8])
+  assert review[0]['predicted'] == 'male' and review[0]['mc_std'] == '0.1'
+  assert summary['review_csv'] == str(tmp_path / 'l_review.csv')
+  assert 'review_csv' not in label_report.summarize(str(out))
+
+
 def test_mislabel_order_breaks_ties_by_mutual_information():
   p = np.asarray([0.9, 0.1, 0.9, 0.6])
   given = np.asarray([0, 1, 0, -1])

@@ -177,6 +177,18 @@ def test_per_directory_summary_and_flags(workdir, images, tmp_path):
               r['predicted'] != dirs[r['path'].split('/')[0]]['majority']}
   assert {r['path'] for r in flagged} == disagree
   assert all('folder majority' in r['reasons'] for r in flagged)
+  # A review list of the doubted half, from the same CSV (nothing relabelled).
+  confidence = {r['path']: max(float(r['p_male']), 1 - float(r['p_male']))
+                for r in rows if not r['error']}
+  cut = float(np.median(list(confidence.values())))
+  again = run(workdir, images_dir, out, review_below=cut)
+  assert again['num_labelled_now'] == 0
+  review = read_csv(again['review_csv'])
+  assert {r['path'] for r in review} == {
+      path for path, c in confidence.items() if c < cut}
+  assert 0 < len(review) < len(confidence)
+  with pytest.raises(label.LabelError, match='--review_below=0.3: '):
+    run(workdir, images_dir, out, review_below=0.3)
 
 
 def test_flipped_labels_rank_at_the_top(workdir, images, tmp_path):
@@ -348,7 +360,7 @@ def test_outputs_are_never_inputs(workdir, images, tmp_path):
   assert label.own_outputs(str(folder), label.output_paths(str(odd))) == {
       'a/b.png', 'a/b.png.args.json', 'a/b.png.lock', 'a/b.png.repair.tmp',
       'a/b.png.ray', 'a/b.png_per_directory.csv', 'a/b.png_flagged.csv',
-      'a/b.png_mislabels.csv', 'a/b.png_mislabels.png'}
+      'a/b.png_mislabels.csv', 'a/b.png_mislabels.png', 'a/b.png_review.csv'}
   assert label.own_outputs(str(folder / 'Male'),
                            label.output_paths(str(tmp_path / 'x.csv'))) == set()
 
@@ -368,6 +380,7 @@ def test_script_user_errors_are_one_line_exit_2(workdir, images, tmp_path):
       'unexpected arguments': ok + ['extra'],
       '--boxes: ': ok + [f'--boxes={tmp_path / "none.csv"}'],
       'resize': ok + ['--resize=fit'],
+      'review_below': ok + ['--review_below=0.4'],
       'is a directory: give the path of the CSV': ok[:2] + [
           f'--output={images_dir}'],
       'in use by pid': ok,
