@@ -33,9 +33,6 @@ from gender_jax import labels as labels_lib
 
 FOLDER_LABELS = 'folders'          # labels= value: take labels from folders.
 DISPLAY_SIZE = (120, 100)          # (H, W) of faces in the mislabels PNG.
-_PATH_COLUMNS = ('path', 'file', 'filename', 'image', 'folder', 'directory',
-                 'identity', 'class_id')
-_LABEL_COLUMNS = ('label', 'gender', 'sex')
 
 
 def open_csv(path: str, mode: str = 'r'):
@@ -113,23 +110,21 @@ def read_labels(labels_csv: str, images_dir: Optional[str] = None
                 ) -> Dict[str, int]:
   """{image or folder path: label} from a CSV with a header.
 
-  The path column is one of path/file/filename/image/folder/directory/
-  identity/class_id and the label column one of label/gender/sex (any case;
-  VGGFace2's identity_meta.csv with Class_ID and Gender works as it is).
+  The path and label columns are named as `labels.csv_columns` reads them
+  (VGGFace2's identity_meta.csv with Class_ID and Gender works as it is).
   Paths are relative to the images folder (absolute ones are made so); a
   folder's label applies to every image below it.
   """
   with open_csv(labels_csv) as f:
     reader = csv.reader(f)
-    header = [h.strip().lower() for h in next(reader, [])]
-    path_col = next((header.index(c) for c in _PATH_COLUMNS if c in header),
-                    None)
-    label_col = next((header.index(c) for c in _LABEL_COLUMNS if c in header),
-                     None)
+    header = next(reader, [])
+    columns = labels_lib.csv_columns(header)
+    path_col, label_col = columns['path'], columns['label']
     if path_col is None or label_col is None:
       raise ValueError(
           f'{labels_csv}: header {header} needs a path column (one of '
-          f'{_PATH_COLUMNS}) and a label column (one of {_LABEL_COLUMNS}).')
+          f"{labels_lib.CSV_COLUMNS['path']}) and a label column (one of "
+          f"{labels_lib.CSV_COLUMNS['label']}).")
     labels = {}
     for line, row in enumerate(reader, start=2):
       if not row or not ''.join(row).strip():

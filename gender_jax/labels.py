@@ -5,13 +5,14 @@ prediction is male when p(male) >= 0.5. Every other convention met in the
 wild is translated here, in one place:
 
 * folder names of a raw folder set (`SPLIT_ALIASES`, `CLASS_ALIASES`);
-* label values in CSV files: male|female|m|f|man|woman|1|0 (`parse_label`);
+* label values in CSV files: male|female|m|f|man|woman|1|0 (`parse_label`),
+  and the names of their columns (`csv_columns`);
 * UTKFace file names, whose gender digit is 0 = male, 1 = female (`utkface_label`);
 * CelebA's `Male` attribute, +1 / -1 (`celeba_label`), and its evaluation
   partition 0/1/2 = train/validation/test (`CELEBA_PARTITIONS`).
 """
 
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 FEMALE, MALE = 0, 1
 CLASS_NAMES = ('female', 'male')     # Indexed by label.
@@ -31,6 +32,13 @@ _LABEL_VALUES = {'0': FEMALE, '1': MALE, 'female': FEMALE, 'male': MALE,
 UTKFACE_GENDERS = {'0': MALE, '1': FEMALE}
 CELEBA_MALE = {'1': MALE, '-1': FEMALE}
 CELEBA_PARTITIONS = {'0': 'train', '1': 'validation', '2': 'test'}
+# Column names of a labels CSV's header (any case; the first present wins).
+CSV_COLUMNS = {
+    'path': ('path', 'file', 'filename', 'image', 'folder', 'directory',
+             'identity', 'class_id'),
+    'label': ('label', 'gender', 'sex'),
+    'split': ('split', 'partition', 'subset'),
+}
 
 
 def match_alias(name: str, aliases: dict) -> Optional[str]:
@@ -39,6 +47,16 @@ def match_alias(name: str, aliases: dict) -> Optional[str]:
     if name.lower() in names:
       return canonical
   return None
+
+
+def csv_columns(header: Sequence[str]) -> Dict[str, Optional[int]]:
+  """{'path', 'label', 'split'}: each one's index in a CSV header row, or
+  None. VGGFace2's identity_meta.csv (Class_ID, Gender) and FairFace's
+  label files (file, gender) work as they are; other columns are ignored.
+  """
+  names = [h.strip().lower() for h in header]
+  return {key: next((names.index(c) for c in choices if c in names), None)
+          for key, choices in CSV_COLUMNS.items()}
 
 
 def parse_label(value: str) -> int:

@@ -10,8 +10,10 @@ plus the files it skipped and why. Kinds (`KINDS`):
 * `celeba`: CelebA's release: `img_align_celeba/`, `list_attr_celeba.txt`
   (`Male` column, 1 / -1) and `list_eval_partition.txt` (0/1/2 = train/
   validation/test), at the top or under `Img/`, `Anno/`, `Eval/`;
-* `csv`: a CSV of `path,label[,split]` (header optional; label male|female|
-  1|0; split train|validation|test or empty; paths relative to the CSV).
+* `csv`: a CSV of `path,label[,split]` (label male|female|1|0; split
+  train|validation|test or empty; paths relative to the CSV), or with a
+  header row naming those columns among others (FairFace's `file,...,
+  gender,...` label files as they are).
 
 A source without splits of its own (UTKFace, a CSV's rows with an empty
 split) is split by `hash_split` of each file's bytes, so the split is the
@@ -346,23 +348,35 @@ def _read_celeba(path: str):
 
 
 def _read_csv(path: str):
+  """Items of a CSV of path,label[,split] rows, or with a header row naming
+  its columns (`labels.csv_columns`: FairFace's label files work as they
+  are; other columns are ignored)."""
   if not os.path.isfile(path):
     raise LayoutError(f'{path} is not a file: --source=csv:PATH takes a CSV '
                       'of path,label[,split] rows.')
   root = os.path.dirname(os.path.abspath(path))
   items, skipped = [], []
+  columns, header = {'path': 0, 'label': 1, 'split': 2}, False
   for n, row in enumerate(csv.reader(_read_lines(path)), 1):
     if not row or not ''.join(row).strip():
       continue
-    if n == 1 and len(row) >= 2 and row[1].strip().lower() in (
-        'label', 'gender', 'sex'):
-      continue                               # A header.
-    file = os.path.join(root, row[0].strip()) if row[0].strip() else path
+    if n == 1 and labels.csv_columns(row)['label'] is not None:
+      columns, header = labels.csv_columns(row), True
+      if columns['path'] is None:
+        raise LayoutError(f'{path}: header {row} names no path column (one '
+                          f"of {labels.CSV_COLUMNS['path']}).")
+      continue
+    given = (row[columns['path']].strip() if columns['path'] < len(row)
+             else '')
+    file = os.path.join(root, given) if given else path
     try:
-      if len(row) not in (2, 3) or not row[0].strip():
-        raise ValueError('expected path,label[,split]')
-      label = labels.parse_label(row[1])
-      split = row[2].strip() if len(row) == 3 else ''
+      if not given or columns['label'] >= len(row) or (
+          not header and len(row) > 3):
+        raise ValueError('expected path,label[,split]' if not header else
+                         "no path or no label in the header's columns")
+      label = labels.parse_label(row[columns['label']])
+      split = ('' if columns['split'] is None or columns['split'] >= len(row)
+               else row[columns['split']].strip())
       canonical = labels.match_alias(split, labels.SPLIT_ALIASES)
       if split and canonical is None:
         raise ValueError(f'split {split!r}: expected train|validation|test '

@@ -47,3 +47,14 @@ def test_import_does_not_load_tensorflow():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                        text=True, check=True)
   assert out.stdout.strip() == '[]'
+
+
+def test_csv_columns_by_name_any_case_first_choice_wins():
+  assert labels.csv_columns(['file', 'age', 'gender', 'race']) == {
+      'path': 0, 'label': 2, 'split': None}
+  assert labels.csv_columns([' Class_ID', 'Name', 'Gender ']) == {
+      'path': 0, 'label': 2, 'split': None}
+  assert labels.csv_columns(['identity', 'path', 'Sex', 'Subset']) == {
+      'path': 1, 'label': 2, 'split': 3}
+  assert labels.csv_columns(['a.jpg', 'male']) == {
+      'path': None, 'label': None, 'split': None}

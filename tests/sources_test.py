@@ -256,8 +256,8 @@ def test_csv_rows_labels_splits_and_relative_paths(tmp_path):
   assert got['d.jpg'][1] == want_d
   assert all(os.path.isfile(i.path) for i in source.items)
   assert sorted(r for _, r in source.skipped) == [
-      'faces.csv line 10: expected path,label[,split]',
-      'faces.csv line 11: expected path,label[,split]',
+      "faces.csv line 10: no path or no label in the header's columns",
+      "faces.csv line 11: no path or no label in the header's columns",
       "faces.csv line 8: label 'maybe': expected male|female|1|0 (or m/f, "
       'man/woman)',
       "faces.csv line 9: split 'holdout': expected train|validation|test or "
@@ -273,6 +273,46 @@ def test_csv_without_header_and_with_a_bom(tmp_path):
   assert _labelled(source) == {'a.png': (0, 'train'),
                                'b.png': (1, 'validation')}
   assert source.items[0].path == str(tmp_path / 'a.png')
+
+
+def test_csv_header_names_its_columns_among_others(tmp_path):
+  # FairFace's label files as they are: file,age,gender,race,service_test.
+  names = [f'{i}.jpg' for i in range(12)]
+  for name in names:
+    _touch(str(tmp_path / 'train' / name))
+  listing = tmp_path / 'fairface_label_train.csv'
+  listing.write_text(
+      'file,age,gender,race,service_test\n'
+      + ''.join(f'train/{n},20-29,{"Male" if i % 2 else "Female"},White,True\n'
+                for i, n in enumerate(names))
+      + 'train/12.jpg,3-9,Girl,Indian,False\n'
+      'train/13.jpg,20-29\n')
+  source = sources.read_source('csv', str(listing), val_fraction=0.5,
+                               test_fraction=0.0)
+  assert _labelled(source) == {
+      n: (i % 2, sources.hash_split(sources.file_digest(
+          str(tmp_path / 'train' / n)), 0.5, 0.0))
+      for i, n in enumerate(names)}
+  assert sorted(r for _, r in source.skipped) == [
+      "fairface_label_train.csv line 14: label 'Girl': expected "
+      'male|female|1|0 (or m/f, man/woman)',
+      "fairface_label_train.csv line 15: no path or no label in the "
+      "header's columns"]
+  # A split column is used wherever it stands; a header without a path
+  # column is refused; rows without a header keep to path,label[,split].
+  listing.write_text('Gender,Image,Partition\nm,train/0.jpg,val\n'
+                     'f,train/1.jpg,train\n')
+  assert _labelled(sources.read_source('csv', str(listing))) == {
+      '0.jpg': (1, 'validation'), '1.jpg': (0, 'train')}
+  listing.write_text('gender,age\nm,3\n')
+  with pytest.raises(sources.LayoutError, match='names no path column') as e:
+    sources.read_source('csv', str(listing))
+  _one_line(e)
+  listing.write_text('train/0.jpg,m,val\ntrain/1.jpg,f,train,extra\n'
+                     'train/2.jpg,f,train\n')
+  source = sources.read_source('csv', str(listing))
+  assert [r for _, r in source.skipped] == [
+      'fairface_label_train.csv line 2: expected path,label[,split]']
 
 
 def test_csv_unreadable_listed_files_are_skipped(tmp_path):
