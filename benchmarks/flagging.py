@@ -5,9 +5,10 @@ A labeller that flags the faces it doubts should flag its errors first. Given
 this prints the accuracy on the most confident 100 / 95 / 90 / 85 / 80% of
 the faces when they are ranked by each score the CSV offers: the confidence
 max(p, 1-p) of p(male) and of the MC-Dropout mean, and a low MC standard
-deviation, predictive entropy or mutual information (`evaluate`'s
-`selective_accuracy`). True labels come from Male/Female folders in the
-paths, or with --utkface=DIR from UTKFace's file names, keeping the faces of
+deviation or mutual information (`evaluate`'s `selective_accuracy`; a low
+predictive entropy ranks as the MC mean's confidence: it is the entropy of
+that mean). True labels come from Male/Female folders in the paths, or with
+--utkface=DIR from UTKFace's file names, keeping the faces of
 `prepare_data.py`'s content-hash test part only.
 
   python scripts/label.py --workdir=W --images=../shared/data/utkface \\
@@ -31,7 +32,6 @@ RANKINGS = {
     'confidence of p(male)': ('p_male', None, 1),
     'confidence of the MC mean': ('mc_mean', None, 1),
     'low MC standard deviation': ('p_male', 'mc_std', -1),
-    'low predictive entropy': ('mc_mean', 'mc_entropy', -1),
     'low mutual information': ('p_male', 'mc_mutual_info', -1),
 }
 

@@ -149,6 +149,10 @@ def selective_accuracy(labels, p_male, coverages: Sequence[float] = COVERAGES,
   labels = np.asarray(labels)
   predicted, confidence, _, _ = _binned(p_male, 1)
   score = confidence if score is None else np.asarray(score, np.float64)
+  if not len(score) or not np.isfinite(score).all() or not all(
+      0 < c <= 1 for c in coverages):
+    raise ValueError(f'selective_accuracy needs finite scores ({len(score)} '
+                     f'given) and coverages in (0, 1] ({coverages})')
   ranked = np.sort(score)[::-1]
   out = []
   for c in coverages:
@@ -260,7 +264,8 @@ def format_report(report: dict) -> str:
                + ' / '.join(f"{k['coverage']:.0%}" for k in kept) + ': '
                + ' / '.join(f"{k['accuracy']:.4f}" for k in kept)
                + ' (the rest flagged: confidence below '
-               + ' / '.join(f"{k['threshold']:.3f}" for k in kept) + ')')
+               + ' / '.join(f"{np.floor(k['threshold'] * 1e4) / 1e4:.4f}"
+                            for k in kept) + ')')
   if 'temperature' in report:
     lines.append(f"temperature {report['temperature']:.4f}; uncalibrated: "
                  f"log loss {report['log_loss_uncalibrated']:.4f}   "

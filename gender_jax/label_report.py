@@ -119,12 +119,15 @@ def read_labels(labels_csv: str, images_dir: Optional[str] = None
     reader = csv.reader(f)
     header = next(reader, [])
     columns = labels_lib.csv_columns(header)
-    path_col, label_col = columns['path'], columns['label']
+    path_col = (columns['folder'] if columns['path'] is None
+                else columns['path'])
+    label_col = columns['label']
     if path_col is None or label_col is None:
+      names = labels_lib.CSV_COLUMNS
       raise ValueError(
           f'{labels_csv}: header {header} needs a path column (one of '
-          f"{labels_lib.CSV_COLUMNS['path']}) and a label column (one of "
-          f"{labels_lib.CSV_COLUMNS['label']}).")
+          f"{names['path'] + names['folder']}) and a label column (one of "
+          f"{names['label']}).")
     labels = {}
     for line, row in enumerate(reader, start=2):
       if not row or not ''.join(row).strip():
@@ -222,8 +225,9 @@ def summarize(output_csv: str, images_dir: Optional[str] = None, *,
 
 
 def _write_review(path, paths, ok, values, predicted, review_below) -> dict:
-  """The readable images with confidence max(p, 1-p) of the calibrated
-  p(male) below `review_below`, least confident first (ties in CSV order).
+  """The readable images with confidence max(p, 1-p) of p(male) (calibrated
+  where the workdir has a temperature) below `review_below`, least confident
+  first (ties in CSV order).
 
   p(male), not an MC-Dropout statistic: ranked by it, the faces kept are as
   accurate or more (benchmarks/flagging.py).

@@ -27,15 +27,15 @@ CLASS_ALIASES = {
     'female': ('female', 'woman', 'women'),
     'male': ('male', 'man', 'men'),
 }
-_LABEL_VALUES = {'0': FEMALE, '1': MALE, 'female': FEMALE, 'male': MALE,
-                 'f': FEMALE, 'm': MALE, 'woman': FEMALE, 'man': MALE}
+LABEL_VALUES = {'0': FEMALE, '1': MALE, 'female': FEMALE, 'male': MALE,
+                'f': FEMALE, 'm': MALE, 'woman': FEMALE, 'man': MALE}
 UTKFACE_GENDERS = {'0': MALE, '1': FEMALE}
 CELEBA_MALE = {'1': MALE, '-1': FEMALE}
 CELEBA_PARTITIONS = {'0': 'train', '1': 'validation', '2': 'test'}
 # Column names of a labels CSV's header (any case; the first present wins).
 CSV_COLUMNS = {
-    'path': ('path', 'file', 'filename', 'image', 'folder', 'directory',
-             'identity', 'class_id'),
+    'path': ('path', 'file', 'filename', 'image'),           # An image file.
+    'folder': ('folder', 'directory', 'identity', 'class_id'),  # Its images.
     'label': ('label', 'gender', 'sex'),
     'split': ('split', 'partition', 'subset'),
 }
@@ -50,9 +50,10 @@ def match_alias(name: str, aliases: dict) -> Optional[str]:
 
 
 def csv_columns(header: Sequence[str]) -> Dict[str, Optional[int]]:
-  """{'path', 'label', 'split'}: each one's index in a CSV header row, or
-  None. VGGFace2's identity_meta.csv (Class_ID, Gender) and FairFace's
-  label files (file, gender) work as they are; other columns are ignored.
+  """{'path', 'folder', 'label', 'split'}: each one's index in a CSV header
+  row (`CSV_COLUMNS`), or None. VGGFace2's identity_meta.csv (Class_ID,
+  Gender) and FairFace's label files (file, gender) name theirs so; other
+  columns are for the caller to ignore.
   """
   names = [h.strip().lower() for h in header]
   return {key: next((names.index(c) for c in choices if c in names), None)
@@ -62,10 +63,10 @@ def csv_columns(header: Sequence[str]) -> Dict[str, Optional[int]]:
 def parse_label(value: str) -> int:
   """0/1, female/male, f/m, woman/man (any case) -> 0/1; ValueError otherwise."""
   key = value.strip().lower()
-  if key not in _LABEL_VALUES:
+  if key not in LABEL_VALUES:
     raise ValueError(f'label {value!r}: expected male|female|1|0 (or m/f, '
                      'man/woman)')
-  return _LABEL_VALUES[key]
+  return LABEL_VALUES[key]
 
 
 def utkface_label(gender_digit: str) -> int:

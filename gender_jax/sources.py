@@ -13,7 +13,7 @@ plus the files it skipped and why. Kinds (`KINDS`):
 * `csv`: a CSV of `path,label[,split]` (label male|female|1|0; split
   train|validation|test or empty; paths relative to the CSV), or with a
   header row naming those columns among others (FairFace's `file,...,
-  gender,...` label files as they are).
+  gender,...` label files as they are, split by content hash).
 
 A source without splits of its own (UTKFace, a CSV's rows with an empty
 split) is split by `hash_split` of each file's bytes, so the split is the
@@ -347,36 +347,56 @@ def _read_celeba(path: str):
 # -------------------------------------------------------------------- csv --
 
 
+def _csv_header(row: Sequence[str], path: str):
+  """{'path', 'label', 'split'} column indices if `row` is a header, else
+  None. A header names a label column and its second cell is no label value
+  (so a data row `sex,male` stays data). The path is the named image column,
+  else the first; in the old `path,label,split` shape the third column is
+  the split whatever its name."""
+  columns = labels.csv_columns(row)
+  if columns['label'] is None or (
+      len(row) > 1 and row[1].strip().lower() in labels.LABEL_VALUES):
+    return None
+  if columns['path'] is None:
+    if columns['folder'] is not None or columns['label'] == 0:
+      raise LayoutError(f'{path}: header {row} names no image path column '
+                        f"(one of {labels.CSV_COLUMNS['path']}).")
+    columns['path'] = 0
+  if columns['split'] is None and len(row) == 3 and columns['label'] == 1 and (
+      columns['path'] == 0):
+    columns['split'] = 2
+  return columns
+
+
 def _read_csv(path: str):
-  """Items of a CSV of path,label[,split] rows, or with a header row naming
-  its columns (`labels.csv_columns`: FairFace's label files work as they
-  are; other columns are ignored)."""
+  """Items of a CSV of path,label[,split] rows, or with a header row (see
+  `_csv_header`; FairFace's label files work as they are: other columns are
+  ignored)."""
   if not os.path.isfile(path):
     raise LayoutError(f'{path} is not a file: --source=csv:PATH takes a CSV '
                       'of path,label[,split] rows.')
   root = os.path.dirname(os.path.abspath(path))
   items, skipped = [], []
-  columns, header = {'path': 0, 'label': 1, 'split': 2}, False
+  columns, header, first = {'path': 0, 'label': 1, 'split': 2}, None, True
   for n, row in enumerate(csv.reader(_read_lines(path)), 1):
     if not row or not ''.join(row).strip():
       continue
-    if n == 1 and labels.csv_columns(row)['label'] is not None:
-      columns, header = labels.csv_columns(row), True
-      if columns['path'] is None:
-        raise LayoutError(f'{path}: header {row} names no path column (one '
-                          f"of {labels.CSV_COLUMNS['path']}).")
-      continue
-    given = (row[columns['path']].strip() if columns['path'] < len(row)
-             else '')
+    if first:
+      first, named = False, _csv_header(row, path)
+      if named is not None:
+        columns, header = named, row
+        continue
+    given, label, split = (
+        row[columns[k]].strip() if columns[k] is not None and
+        columns[k] < len(row) else '' for k in ('path', 'label', 'split'))
     file = os.path.join(root, given) if given else path
     try:
-      if not given or columns['label'] >= len(row) or (
-          not header and len(row) > 3):
-        raise ValueError('expected path,label[,split]' if not header else
-                         "no path or no label in the header's columns")
-      label = labels.parse_label(row[columns['label']])
-      split = ('' if columns['split'] is None or columns['split'] >= len(row)
-               else row[columns['split']].strip())
+      if header is None and (len(row) not in (2, 3) or not given):
+        raise ValueError('expected path,label[,split]')
+      for key, text in (('path', given), ('label', label)):
+        if header is not None and not text:
+          raise ValueError(f'no {header[columns[key]].strip()!r} value')
+      label = labels.parse_label(label)
       canonical = labels.match_alias(split, labels.SPLIT_ALIASES)
       if split and canonical is None:
         raise ValueError(f'split {split!r}: expected train|validation|test '

@@ -112,6 +112,11 @@ def test_selective_accuracy_keeps_the_most_confident():
   kept = evaluate.selective_accuracy(np.ones(4, int), [.9, .8, .8, .6],
                                      coverages=(0.5,))
   assert kept[0]['count'] == 3 and kept[0]['threshold'] == 0.8
+  for bad in (dict(labels=[], p_male=[]), dict(coverages=(0.0,)),
+              dict(coverages=(1.5,)), dict(score=[np.nan] + [0.0] * 9)):
+    args = dict(labels=labels, p_male=p, coverages=(0.5,)) | bad
+    with pytest.raises(ValueError, match='finite scores'):
+      evaluate.selective_accuracy(**args)
   # In the report, its scalars and its text.
   labels, logits = random_predictions()
   r = evaluate.classification_report(labels, logits)

@@ -51,10 +51,11 @@ def test_import_does_not_load_tensorflow():
 
 def test_csv_columns_by_name_any_case_first_choice_wins():
   assert labels.csv_columns(['file', 'age', 'gender', 'race']) == {
-      'path': 0, 'label': 2, 'split': None}
+      'path': 0, 'folder': None, 'label': 2, 'split': None}
   assert labels.csv_columns([' Class_ID', 'Name', 'Gender ']) == {
-      'path': 0, 'label': 2, 'split': None}
-  assert labels.csv_columns(['identity', 'path', 'Sex', 'Subset']) == {
-      'path': 1, 'label': 2, 'split': 3}
+      'path': None, 'folder': 0, 'label': 2, 'split': None}
+  assert labels.csv_columns(['identity', 'image', 'path', 'Sex',
+                             'Subset']) == {
+      'path': 2, 'folder': 0, 'label': 3, 'split': 4}
   assert labels.csv_columns(['a.jpg', 'male']) == {
-      'path': None, 'label': None, 'split': None}
+      'path': None, 'folder': None, 'label': None, 'split': None}

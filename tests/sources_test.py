@@ -256,8 +256,8 @@ def test_csv_rows_labels_splits_and_relative_paths(tmp_path):
   assert got['d.jpg'][1] == want_d
   assert all(os.path.isfile(i.path) for i in source.items)
   assert sorted(r for _, r in source.skipped) == [
-      "faces.csv line 10: no path or no label in the header's columns",
-      "faces.csv line 11: no path or no label in the header's columns",
+      "faces.csv line 10: no 'label' value",
+      "faces.csv line 11: no 'path' value",
       "faces.csv line 8: label 'maybe': expected male|female|1|0 (or m/f, "
       'man/woman)',
       "faces.csv line 9: split 'holdout': expected train|validation|test or "
@@ -296,23 +296,38 @@ def test_csv_header_names_its_columns_among_others(tmp_path):
   assert sorted(r for _, r in source.skipped) == [
       "fairface_label_train.csv line 14: label 'Girl': expected "
       'male|female|1|0 (or m/f, man/woman)',
-      "fairface_label_train.csv line 15: no path or no label in the "
-      "header's columns"]
-  # A split column is used wherever it stands; a header without a path
-  # column is refused; rows without a header keep to path,label[,split].
-  listing.write_text('Gender,Image,Partition\nm,train/0.jpg,val\n'
+      "fairface_label_train.csv line 15: no 'gender' value"]
+  # A split column is used wherever it stands, after a blank first line.
+  listing.write_text('\nGender,Image,Partition\nm,train/0.jpg,val\n'
                      'f,train/1.jpg,train\n')
   assert _labelled(sources.read_source('csv', str(listing))) == {
       '0.jpg': (1, 'validation'), '1.jpg': (0, 'train')}
-  listing.write_text('gender,age\nm,3\n')
-  with pytest.raises(sources.LayoutError, match='names no path column') as e:
-    sources.read_source('csv', str(listing))
-  _one_line(e)
+  # The old path,label,split shape keeps its meaning under other names: the
+  # path is the first column, the split the third.
+  for head in ('image_path,label,set', 'img,gender,fold'):
+    listing.write_text(f'{head}\ntrain/0.jpg,m,val\ntrain/1.jpg,f,train\n')
+    assert _labelled(sources.read_source('csv', str(listing))) == {
+        '0.jpg': (1, 'validation'), '1.jpg': (0, 'train')}, head
+  # A first row whose second cell is a label is data, not a header.
+  _touch(str(tmp_path / 'sex'))
+  listing.write_text('sex,male,train\ntrain/1.jpg,f,val\n')
+  assert _labelled(sources.read_source('csv', str(listing))) == {
+      'sex': (1, 'train'), '1.jpg': (0, 'validation')}
+  # No image path column: refused in one line (a folder column names folders).
+  for head in ('gender,age', 'identity,gender'):
+    listing.write_text(f'{head}\nm,3\n')
+    with pytest.raises(sources.LayoutError,
+                       match='names no image path column') as e:
+      sources.read_source('csv', str(listing))
+    _one_line(e)
+  # Rows without a header keep to path,label[,split].
   listing.write_text('train/0.jpg,m,val\ntrain/1.jpg,f,train,extra\n'
-                     'train/2.jpg,f,train\n')
+                     'train/2.jpg,f,train\ntrain/3.jpg,,train\n')
   source = sources.read_source('csv', str(listing))
   assert [r for _, r in source.skipped] == [
-      'fairface_label_train.csv line 2: expected path,label[,split]']
+      'fairface_label_train.csv line 2: expected path,label[,split]',
+      "fairface_label_train.csv line 4: label '': expected male|female|1|0 "
+      '(or m/f, man/woman)']
 
 
 def test_csv_unreadable_listed_files_are_skipped(tmp_path):
