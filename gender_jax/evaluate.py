@@ -11,12 +11,14 @@ input pipeline pads the last batch and masks the padding) and writes, into
                            (log loss and ECE also before it; what ECE a
                            perfectly calibrated model shows on as many
                            examples), accuracy on the most confident 95 /
-                           90 / 80% (the rest flagged), and what it was
-                           computed on: workdir, checkpoint and its
+                           90 / 80% (the rest flagged) and its curve, and
+                           what it was computed on: workdir, checkpoint and its
                            step/epoch, data_dir, split, image sizes,
                            temperature, test-time augmentation (tta)
   confusion_matrix.png
   reliability_diagram.png  accuracy vs confidence per bin, with counts
+  coverage_accuracy.png    accuracy on the most confident share kept, 5-100%
+                           (the rest flagged), the 95/90/80% cuts marked
   wrong_predictions.png    misclassified faces, largest errors first, with
   wrong_predictions_<k>.png  true label and p(male); capped and paged
   events.out.tfevents.*    the scalars and pictures for TensorBoard
@@ -52,6 +54,7 @@ from gender_jax import sharding as sharding_lib
 NUM_BINS = 10                              # Calibration bins over [0.5, 1].
 MAX_WRONG = 120                            # Capped: 4 pages at most.
 COVERAGES = (0.95, 0.9, 0.8)               # Shares kept by selective_accuracy.
+CURVE_COVERAGES = tuple(i / 20 for i in range(1, 21))   # Its curve: 5%...100%.
 
 
 # ----------------------------------------------------------------- metrics --
@@ -215,6 +218,7 @@ def classification_report(labels, logits, num_bins: int = NUM_BINS) -> dict:
       'ece_if_calibrated': ece_if_calibrated(p_male, num_bins),
       'calibration_bins': bins,
       'selective_accuracy': selective_accuracy(labels, p_male),
+      'coverage_curve': selective_accuracy(labels, p_male, CURVE_COVERAGES),
   }
 
 
@@ -495,12 +499,15 @@ def _write_outputs(report: dict, worst: _WorstErrors, output_dir: str):
                                                  labels_lib.CLASS_NAMES),
       'reliability_diagram': plots.reliability_diagram(
           report['calibration_bins'], report['ece']),
+      'coverage_accuracy': plots.coverage_accuracy(
+          report['coverage_curve'], report['selective_accuracy'],
+          report['num_examples']),
       'wrong_predictions': wrong[0]}
+  single = ('confusion_matrix', 'reliability_diagram', 'coverage_accuracy')
   files = {'report': os.path.join(output_dir, 'report.json'),
-           **{k: os.path.join(output_dir, f'{k}.png')
-              for k in ('confusion_matrix', 'reliability_diagram')},
+           **{k: os.path.join(output_dir, f'{k}.png') for k in single},
            'wrong_predictions': plots.wrong_page_paths(output_dir, len(wrong))}
-  for k in ('confusion_matrix', 'reliability_diagram'):
+  for k in single:
     plots.write_png(pictures[k], files[k])
   for page, path in zip(wrong, files['wrong_predictions']):
     plots.write_png(page, path)

@@ -94,6 +94,32 @@ def reliability_diagram(bins: Sequence[dict], ece: float) -> np.ndarray:
   return _pixels(fig)
 
 
+def coverage_accuracy(curve: Sequence[dict], marked: Sequence[dict],
+                      num_examples: int) -> np.ndarray:
+  """Accuracy on the most confident share of the examples against that
+  share (points as `evaluate.selective_accuracy` makes them), with the
+  `marked` points labelled by their confidence cut: what flagging the rest
+  for review buys."""
+  fig = _figure(4.5, 3.8)
+  ax = fig.add_subplot()
+  ax.plot([k['count'] / num_examples for k in curve],
+          [k['accuracy'] for k in curve], '-o', markersize=3,
+          color='tab:blue')
+  for k in marked:
+    x = k['count'] / num_examples
+    ax.plot(x, k['accuracy'], 'o', color='tab:red')
+    cut = math.floor(k['threshold'] * 1e4) / 1e4     # As the report prints.
+    ax.annotate(f"{k['accuracy']:.1%} (cut {cut:.4f})",
+                (x, k['accuracy']), textcoords='offset points',
+                xytext=(-6, -12), ha='right', fontsize=8)
+  ax.set_xlim(0, 1.02)
+  ax.set_xlabel('share kept (most confident first; the rest flagged)')
+  ax.set_ylabel('accuracy on the kept')
+  ax.set_title(f'Accuracy by coverage (n={num_examples})')
+  ax.grid(alpha=0.3)
+  return _pixels(fig)
+
+
 def image_grid(images, titles: Sequence[str], title: str,
                cols: int = 6) -> np.ndarray:
   """`images` (uint8 HxWx3) in a grid, each with its title."""

@@ -216,8 +216,11 @@ def test_evaluate_writes_report_pictures_and_tensorboard(data_and_workdir):
   assert saved['resized'] is False
   assert saved['accuracy'] == report['accuracy'] >= 0.8
   assert sum(map(sum, saved['confusion_matrix'])) == 37
+  assert [k['coverage'] for k in saved['coverage_curve']] == list(
+      evaluate.CURVE_COVERAGES)
+  assert saved['coverage_curve'][-1]['accuracy'] == saved['accuracy']
   for name in ('confusion_matrix.png', 'reliability_diagram.png',
-               'wrong_predictions.png'):
+               'coverage_accuracy.png', 'wrong_predictions.png'):
     with Image.open(os.path.join(out, name)) as im:
       im.verify()
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(out))

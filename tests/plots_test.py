@@ -34,7 +34,10 @@ def assert_picture(image):
 def test_pictures_are_arrays_written_as_pngs(tmp_path):
   cm = plots.confusion_matrix([[40, 9], [12, 39]], CLASS_NAMES)
   rel = plots.reliability_diagram(bins_of(), 0.0421)
-  for image in (cm, rel):
+  curve = [{'coverage': c, 'threshold': 1.0 - c / 2, 'count': round(100 * c),
+            'accuracy': 1.0 - c / 10} for c in (0.25, 0.5, 0.8, 1.0)]
+  cov = plots.coverage_accuracy(curve, curve[2:3], 100)
+  for image in (cm, rel, cov):
     assert_picture(image)
   path = str(tmp_path / 'cm.png')
   plots.write_png(cm, path)
