@@ -2,6 +2,7 @@
 
   confusion_matrix        counts and row shares of a confusion matrix
   reliability_diagram     accuracy vs confidence per calibration bin
+  coverage_accuracy       accuracy on the most confident share kept
   image_grid              faces in a grid, each with a title (evaluate's
                           misclassified faces, label's mislabel candidates)
   wrong_prediction_pages  misclassified faces, paged into grids

@@ -5,7 +5,8 @@ r"""Evaluates a trained model on a whole split and writes report + pictures.
       [--output_dir=DIR] [--tta=flip]
 
 Writes <workdir>/eval_<split>/{report.json, confusion_matrix.png,
-reliability_diagram.png, wrong_predictions*.png, TensorBoard events} and
+reliability_diagram.png, coverage_accuracy.png, wrong_predictions*.png,
+TensorBoard events} and
 prints the report as a table. p(male) is calibrated by the workdir's
 calibration.json (if any); log loss and ECE are also reported before it.
 A mistake in the flags, workdir, dataset or split is one line on stderr and
