@@ -65,7 +65,8 @@ def main():
             f"{local['wall']:.1f} s, steady {local['steady']:.0f}/s; ray wall "
             f"{ray['wall']:.1f} s (first rows after "
             f"{ray['startup_seconds']:.1f} s), steady {ray['steady']:.0f}/s; "
-            f"ray/local wall {local['wall'] / ray['wall']:.2f}, steady "
+            f"ray/local speed: whole command "
+            f"{local['wall'] / ray['wall']:.2f}, steady "
             f"{ray['steady'] / local['steady']:.2f}; CSVs "
             f"{'identical' if same else 'DIFFER'}", flush=True)
 

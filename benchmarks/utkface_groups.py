@@ -7,15 +7,17 @@ part (never trained on) and prints, side by side per CSV, the accuracy and
 female recall of each age band and group: where a model still fails on faces
 unlike CelebA's.
 
-  python scripts/label.py --workdir=W --images=../shared/data/utkface --output=W.csv
-  python benchmarks/utkface_groups.py --images=../shared/data/utkface W1.csv W2.csv
+  python scripts/label.py --workdir=W --images=../shared/data/utkface \\
+      --output=W.csv
+  python benchmarks/utkface_groups.py --images=../shared/data/utkface \\
+      W1.csv W2.csv
 """
 
 import argparse
 import collections
-import csv
 import os
 
+from gender_jax import label_report
 from gender_jax import labels
 from gender_jax import sources
 
@@ -40,10 +42,11 @@ def test_faces(images: str, val_fraction: float, test_fraction: float):
 
 
 def predictions(csv_path: str):
-  """{file name: predicted label} of a label.py CSV (rows with no error)."""
-  with open(csv_path, newline='') as f:
-    return {row['path']: labels.CLASS_NAMES.index(row['predicted'])
-            for row in csv.DictReader(f) if not row['error']}
+  """{file name: predicted label} of a label.py CSV (readable rows), read as
+  `label_report` reads it: male when p(male) >= 0.5."""
+  paths, ok, values = label_report.read_results(csv_path)
+  return {os.path.basename(path): int(p >= 0.5)
+          for path, good, p in zip(paths, ok, values['p_male']) if good}
 
 
 def group_scores(faces, predicted):
